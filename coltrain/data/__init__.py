@@ -1,0 +1,7 @@
+"""Data: TFDS data sources (incl. the embedded MNIST-5k) and grain pipelines."""
+
+from coltrain.data.pipeline import eval_batches, train_batches
+from coltrain.data.sources import DatasetNotPrepared, DatasetSpec, open_dataset
+
+__all__ = ["open_dataset", "DatasetSpec", "DatasetNotPrepared", "train_batches",
+           "eval_batches"]

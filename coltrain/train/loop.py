@@ -1,0 +1,218 @@
+"""`train_and_evaluate`: the one training loop, driven by a validated config.
+
+Writes into `workdir`:
+  config.json        the resolved config (a rerun must match it to resume)
+  metrics.jsonl      train metrics every `log_every` steps, test metrics at evaluations
+  tensorboard/       the same scalars as TensorBoard events
+  checkpoints/<s>/   orbax checkpoints of the whole train state
+  summary.json       the final results (see `train_and_evaluate`)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+import tqdm
+
+from coltrain.config import ConfigError, validate
+from coltrain.data import eval_batches, open_dataset, train_batches
+from coltrain.models import get_model
+from coltrain.train.checkpoint import Checkpointer
+from coltrain.train.fingerprint import params_fingerprint
+from coltrain.train.metrics_writer import MetricsWriter
+from coltrain.train.optim import make_optimizer
+from coltrain.train.state import TrainState, create_train_state
+from coltrain.train.step import make_eval_step, make_train_step
+
+# Keys that may change between an interrupted run and its resumption.
+RESUMABLE_CHANGES = ("steps", "eval_every", "checkpoint_every", "keep_checkpoints",
+                     "log_every", "eval_batch_size", "data_dir")
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def _check_or_write_config(workdir: str, config: ml_collections.ConfigDict,
+                           write: bool) -> None:
+  path = os.path.join(workdir, "config.json")
+  current = json.loads(config.to_json_best_effort())
+  if os.path.exists(path):
+    with open(path) as f:
+      saved = json.load(f)
+    old, new = _flat(saved), _flat(current)
+    diffs = sorted(k for k in set(old) | set(new)
+                   if k not in RESUMABLE_CHANGES and old.get(k) != new.get(k))
+    if diffs:
+      raise ConfigError(
+          f"workdir '{workdir}' holds a run with a different config "
+          f"({', '.join(f'{k}: {old.get(k)!r} -> {new.get(k)!r}' for k in diffs)}); "
+          f"use a new --workdir, or the same config to resume it.")
+  if write:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+      json.dump(current, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def evaluate(eval_step, state: TrainState, source, batch_size: int) -> dict[str, float]:
+  """Mean test loss and accuracy over the whole split (every example exactly once)."""
+  totals = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0}
+  for batch in eval_batches(source, batch_size=batch_size,
+                            process_index=jax.process_index(),
+                            process_count=jax.process_count()):
+    sums = jax.device_get(eval_step(state, batch))
+    for k in totals:
+      totals[k] += float(sums[k])
+  if jax.process_count() > 1:  # pragma: no cover - exercised by the multi-process issue
+    from jax.experimental import multihost_utils
+    vals = multihost_utils.process_allgather(np.array([totals[k] for k in totals]))
+    totals = dict(zip(totals, np.asarray(vals).sum(0).tolist()))
+  n = max(totals["count"], 1.0)
+  return {"test_loss": totals["loss_sum"] / n, "test_accuracy": totals["correct"] / n}
+
+
+def _write_json_atomic(path: str, obj: Any) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=2, sort_keys=True)
+  os.replace(tmp, path)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       stop: threading.Event | None = None) -> dict[str, Any]:
+  """Trains and evaluates per `config`, resuming from `workdir` if it holds checkpoints.
+
+  `stop`: when set (e.g. by a SIGINT/SIGTERM handler), the loop saves a checkpoint after
+  the current step and returns early with `summary["interrupted"] = True`.
+
+  Returns the summary (also written to `workdir/summary.json` when the run completes):
+  test_accuracy (0..1), test_loss, steps, wall_seconds (this invocation),
+  train_steps_per_second (steady state: compile, evaluation and checkpoint time
+  excluded), params_fingerprint (see `params_fingerprint`), resumed_from_step,
+  num_params, interrupted.
+  """
+  t_begin = time.perf_counter()
+  config = validate(config)
+  is_main = jax.process_index() == 0
+  os.makedirs(workdir, exist_ok=True)
+  _check_or_write_config(workdir, config, write=is_main)
+
+  sources, spec = open_dataset(config.dataset, config.data_dir or None)
+  model = get_model(config.model, spec.num_classes)
+  tx, schedule = make_optimizer(config.optimizer, config.steps)
+  state = create_train_state(model, tx, config.seed, (1,) + spec.image_shape)
+  num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
+
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints)
+  resumed_from = ckpt.latest_step()
+  if resumed_from is not None:
+    state = ckpt.restore(state)
+  start = int(state.step)
+  if is_main:
+    what = f"resuming from step {start}" if resumed_from is not None else "starting"
+    print(f"coltrain: {config.model} on {spec.name} ({spec.num_train} train / "
+          f"{spec.num_test} test), {num_params:,} params; {what}; workdir {workdir}",
+          file=sys.stderr, flush=True)
+
+  train_step = jax.jit(make_train_step(model, tx, schedule, spec), donate_argnums=0)
+  eval_step = jax.jit(make_eval_step(model, spec))
+  writer = MetricsWriter(workdir, enabled=is_main)
+  batches = train_batches(sources["train"], global_batch_size=config.batch_size,
+                          seed=config.seed, start_step=start,
+                          process_index=jax.process_index(),
+                          process_count=jax.process_count())
+  bar = tqdm.tqdm(total=config.steps, initial=start, disable=not is_main, file=sys.stderr,
+                  unit="step", mininterval=0.5, dynamic_ncols=True, desc="train")
+
+  train_seconds, timed_steps = 0.0, 0
+  t_mark, mark_step = None, start   # steady-state timing window (after the first step)
+  window: list[dict] = []
+  interrupted = False
+  step = start
+  eval_result: dict[str, float] = {}
+
+  def close_window():
+    """Syncs and books the time since the last mark as training time."""
+    nonlocal train_seconds, timed_steps, t_mark, mark_step
+    jax.block_until_ready(state.step)
+    now = time.perf_counter()
+    if t_mark is not None:
+      train_seconds += now - t_mark
+      timed_steps += step - mark_step
+    return now
+
+  try:
+    while step < config.steps:
+      batch = next(batches)
+      state, metrics = train_step(state, batch)
+      step += 1
+      window.append(metrics)
+      bar.update(1)
+      if t_mark is None:  # first step of this invocation: compile; time from here on
+        jax.block_until_ready(state.step)
+        t_mark, mark_step = time.perf_counter(), step
+      log_now = config.log_every and step % config.log_every == 0
+      eval_now = config.eval_every and step % config.eval_every == 0 and step < config.steps
+      ckpt_now = config.checkpoint_every and step % config.checkpoint_every == 0
+      stop_now = stop is not None and stop.is_set()
+      if not (log_now or eval_now or ckpt_now or stop_now or step == config.steps):
+        continue
+      now = close_window()
+      if log_now and window:
+        means = {k: float(np.mean([jax.device_get(m[k]) for m in window]))
+                 for k in window[0]}
+        means["steps_per_second"] = timed_steps / train_seconds if train_seconds else 0.0
+        writer.write(step, means)
+        bar.set_postfix(loss=f"{means['loss']:.4f}", acc=f"{means['accuracy']:.3f}")
+        window = []
+      if eval_now:
+        eval_result = evaluate(eval_step, state, sources["test"], config.eval_batch_size)
+        writer.write(step, eval_result)
+      if ckpt_now or stop_now:
+        ckpt.save(step, state)
+      if stop_now:
+        interrupted = True
+        break
+      t_mark, mark_step = time.perf_counter(), step
+      del now
+  finally:
+    bar.close()
+
+  summary: dict[str, Any] = {
+      "steps": step,
+      "resumed_from_step": resumed_from if resumed_from is not None else 0,
+      "interrupted": interrupted,
+      "num_params": num_params,
+      "train_steps_per_second": timed_steps / train_seconds if train_seconds else None,
+  }
+  if not interrupted:
+    ckpt.save(step, state)
+    eval_result = evaluate(eval_step, state, sources["test"], config.eval_batch_size)
+    writer.write(step, eval_result)
+    summary.update(eval_result)
+    summary["params_fingerprint"] = params_fingerprint(state.params)
+  summary["wall_seconds"] = time.perf_counter() - t_begin
+  writer.close()
+  ckpt.close()
+  if is_main:
+    if interrupted:
+      print(f"coltrain: stopped at step {step}; checkpoint saved. Rerun with the same "
+            f"--workdir to resume.", file=sys.stderr, flush=True)
+    else:
+      _write_json_atomic(os.path.join(workdir, "summary.json"), summary)
+  return summary

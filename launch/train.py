@@ -1,0 +1,79 @@
+"""Train from a config file.
+
+  python -m launch.train --config configs/default.py [--config.KEY=VALUE ...] \
+      [--workdir DIR]
+
+Rerunning with the same --workdir resumes from its latest checkpoint. SIGINT/SIGTERM
+save a checkpoint after the current step and exit with status 128+signal (130/143).
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Experiment config file (a Python file with get_config()).",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", "runs/default",
+                               "Output directory (checkpoints, metrics, summary).")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:  # orbax logs every save at INFO
+    logging.set_verbosity(logging.WARNING)
+  from coltrain.config import ConfigError  # after flag parsing: keep --help fast
+  from coltrain.train import train_and_evaluate
+
+  stop = threading.Event()
+  received: list[int] = []
+
+  def on_signal(signum, frame):
+    del frame
+    if received:  # second signal: give up immediately
+      sys.exit(128 + signum)
+    received.append(signum)
+    print(f"\ncoltrain: got signal {signum}; saving a checkpoint after this step "
+          f"(signal again to abort without saving)", file=sys.stderr, flush=True)
+    stop.set()
+
+  signal.signal(signal.SIGINT, on_signal)
+  signal.signal(signal.SIGTERM, on_signal)
+  try:
+    summary = train_and_evaluate(_CONFIG.value, _WORKDIR.value, stop=stop)
+  except ConfigError as e:
+    print(f"coltrain: {e}", file=sys.stderr)
+    return 2
+  if summary.get("interrupted"):
+    return 128 + received[0]
+  print(f"coltrain: test_accuracy={summary['test_accuracy']:.4f} "
+        f"test_loss={summary['test_loss']:.4f} steps={summary['steps']} "
+        f"wall_seconds={summary['wall_seconds']:.1f} "
+        f"train_steps_per_second={summary['train_steps_per_second']:.1f} "
+        f"params_fingerprint={summary['params_fingerprint'][:16]}...", flush=True)
+  return 0
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl flag parsing, with unknown `--config.KEY` overrides reported clearly."""
+  from coltrain.config import unknown_override_keys
+  problems = unknown_override_keys(argv[1:])
+  if problems:
+    print("coltrain: " + "\n  ".join(problems), file=sys.stderr)
+    sys.exit(2)
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    print(f"coltrain: {e}\nSee --helpfull for the flags.", file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config"])
+  app.run(main, flags_parser=parse_flags)

@@ -38,6 +38,7 @@ def small_config(**overrides):
   c.eval_every = 0
   c.checkpoint_every = 10
   c.log_every = 10
+  c.optimizer.warmup_steps = 2
   for k, v in overrides.items():
     node = c
     *path, last = k.split(".")

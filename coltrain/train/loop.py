@@ -33,7 +33,8 @@ from coltrain.train.state import TrainState, create_train_state
 from coltrain.train.step import make_eval_step, make_train_step
 
 # Keys that may change between an interrupted run and its resumption.
-RESUMABLE_CHANGES = ("steps", "eval_every", "checkpoint_every", "keep_checkpoints",
+# (`steps` is not among them: it shapes the learning-rate schedule.)
+RESUMABLE_CHANGES = ("eval_every", "checkpoint_every", "keep_checkpoints",
                      "log_every", "eval_batch_size", "data_dir")
 
 

@@ -80,6 +80,10 @@ def test_end_to_end_on_embedded_mnist(tfds_dir, tmp_path):
   with open(os.path.join(workdir, "config.json")) as f:
     assert json.load(f)["steps"] == 300
   assert Checkpointer(os.path.join(workdir, "checkpoints")).latest_step() == 300
+  # Rerunning a finished run reports the same summary without training again.
+  again = train_and_evaluate(small_config(steps=300, batch_size=64, eval_every=100,
+                                          checkpoint_every=100), workdir)
+  assert again == on_disk
 
 
 def test_same_seed_same_fingerprint_other_seed_differs(tfds_dir, tmp_path):

@@ -124,6 +124,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   if resumed_from is not None:
     state = ckpt.restore(state)
   start = int(state.step)
+  summary_path = os.path.join(workdir, "summary.json")
+  if start >= config.steps and os.path.exists(summary_path):
+    ckpt.close()
+    with open(summary_path) as f:  # the run is already complete: report it again
+      return json.load(f)
   if is_main:
     what = f"resuming from step {start}" if resumed_from is not None else "starting"
     print(f"coltrain: {config.model} on {spec.name} ({spec.num_train} train / "
@@ -215,5 +220,5 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       print(f"coltrain: stopped at step {step}; checkpoint saved. Rerun with the same "
             f"--workdir to resume.", file=sys.stderr, flush=True)
     else:
-      _write_json_atomic(os.path.join(workdir, "summary.json"), summary)
+      _write_json_atomic(summary_path, summary)
   return summary

@@ -1,0 +1,100 @@
+"""Accuracy of every precision-policy preset on one config: table + plot.
+
+  python -m launch.policy_sweep [--config configs/default.py] [--out results/policies]
+      [--policies fp32,hbfp8_16,...] [--steps N]
+
+Trains the config once per policy (same seed, same steps), then writes into --out:
+  policies.json            one record per policy (summary.json fields + mantissa bits)
+  policies.md              a markdown table (accuracy, delta vs fp32, steps/s)
+  accuracy_vs_bits.png     test accuracy against GEMM mantissa bits
+Each run's workdir is kept under --out/runs/<policy>, so an interrupted sweep resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import sys
+
+PRESETS = ("fp32", "hbfp8_16", "hbfp4_16", "hbfp4_booster", "mxfp8", "mxint8")
+
+
+def _load_config(path: str):
+  spec = importlib.util.spec_from_file_location("sweep_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def mantissa_bits(policy_name: str) -> float:
+  """Signed mantissa bits of the policy's dominant forward GEMM format (fp32: 24)."""
+  from coltrain.numerics import make_policy
+  return make_policy(policy_name).mantissa_bits
+
+
+def write_table(records: list[dict], path: str) -> None:
+  base = next((r["test_accuracy"] for r in records if r["policy"] == "fp32"), None)
+  lines = ["| policy | GEMM mantissa bits | test accuracy | vs fp32 (pt) | train steps/s |",
+           "| --- | --- | --- | --- | --- |"]
+  for r in records:
+    delta = "" if base is None else f"{100 * (r['test_accuracy'] - base):+.1f}"
+    lines.append(f"| `{r['policy']}` | {r['mantissa_bits']:g} | {r['test_accuracy']:.4f} | "
+                 f"{delta} | {r['train_steps_per_second']:.1f} |")
+  with open(path, "w") as f:
+    f.write("\n".join(lines) + "\n")
+
+
+def write_plot(records: list[dict], path: str) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for r in records:
+    ax.scatter(r["mantissa_bits"], 100 * r["test_accuracy"], s=40)
+    ax.annotate(r["policy"], (r["mantissa_bits"], 100 * r["test_accuracy"]),
+                textcoords="offset points", xytext=(5, 4), fontsize=8)
+  ax.set_xscale("log", base=2)
+  ax.set_xlabel("GEMM mantissa bits (incl. sign; fp32 = 24)")
+  ax.set_ylabel("test accuracy (%)")
+  ax.set_title("Precision policies on the same config and seed")
+  ax.grid(True, alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--config", default="configs/default.py")
+  p.add_argument("--out", default="results/policies")
+  p.add_argument("--policies", default=",".join(PRESETS))
+  p.add_argument("--steps", type=int, default=0, help="override config.steps (0: keep)")
+  args = p.parse_args(argv)
+  from absl import logging
+  logging.set_verbosity(logging.WARNING)
+  from coltrain.train import train_and_evaluate
+
+  os.makedirs(args.out, exist_ok=True)
+  records = []
+  for policy in args.policies.split(","):
+    config = _load_config(args.config)
+    config.numerics.policy = policy
+    if args.steps:
+      config.steps = args.steps
+    summary = train_and_evaluate(config, os.path.join(args.out, "runs", policy))
+    record = {"policy": policy, "mantissa_bits": mantissa_bits(policy),
+              **{k: summary[k] for k in ("test_accuracy", "test_loss", "steps",
+                                         "train_steps_per_second", "params_fingerprint")}}
+    records.append(record)
+    print(json.dumps(record), flush=True)
+  with open(os.path.join(args.out, "policies.json"), "w") as f:
+    json.dump(records, f, indent=2)
+  write_table(records, os.path.join(args.out, "policies.md"))
+  write_plot(records, os.path.join(args.out, "accuracy_vs_bits.png"))
+  print(open(os.path.join(args.out, "policies.md")).read())
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -13,6 +13,8 @@ from typing import Any
 
 import ml_collections
 
+from coltrain.comm.config import COMM_DEFAULTS, validate_comm
+
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "cosine", "warmup_cosine")
 
@@ -50,12 +52,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.optimizer.grad_clip_norm = 0.0  # global-norm clipping; 0 disables
 
   c.numerics = ml_collections.ConfigDict()
-  c.numerics.policy = "fp32"  # precision policy (coltrain.numerics)
+  c.numerics.policy = "fp32"  # preset (fp32, hbfp8_16, ...) or rules (coltrain.numerics.policy)
   c.numerics.datapath = "fake"  # fake (quantize-dequantize) | exact
   c.numerics.backend = "jax"  # jax | hw
 
-  c.comm = ml_collections.ConfigDict()
-  c.comm.workers = 1          # data-parallel workers
+  c.comm = ml_collections.ConfigDict(dict(COMM_DEFAULTS))  # see coltrain.comm.config
   return c
 
 
@@ -149,12 +150,14 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
        f"'numerics.datapath' must be 'fake' or 'exact', got '{c.numerics.datapath}'")
   need(c.numerics.backend in ("jax", "hw"),
        f"'numerics.backend' must be 'jax' or 'hw', got '{c.numerics.backend}'")
-  need(c.numerics.policy == "fp32",
-       f"'numerics.policy' '{c.numerics.policy}' is not available (known: fp32)")
-  need(c.comm.workers == 1,
-       f"'comm.workers' must be 1 (multi-worker training is not available yet), "
-       f"got {c.comm.workers}")
-  need(c.batch_size % c.comm.workers == 0 if c.comm.workers > 0 else False,
+  if c.numerics.datapath in ("fake", "exact") and c.numerics.backend in ("jax", "hw"):
+    from coltrain.numerics.policy import make_policy
+    try:
+      make_policy(c.numerics.policy, datapath=c.numerics.datapath, backend=c.numerics.backend)
+    except ValueError as e:
+      problems.append(f"'numerics.policy': {e}")
+  problems.extend(validate_comm(c.comm))
+  need(c.comm.workers < 1 or c.batch_size % c.comm.workers == 0,
        f"'batch_size' {c.batch_size} must be divisible by 'comm.workers' {c.comm.workers}")
 
   if problems:

@@ -5,16 +5,27 @@
 
 Rerunning with the same --workdir resumes from its latest checkpoint. SIGINT/SIGTERM
 save a checkpoint after the current step and exit with status 128+signal (130/143).
+
+Several workers (`--config.comm.workers=W`) are stacked over the local devices; to spread
+them over simulated CPU devices set JAX_NUM_CPU_DEVICES (NPROC, XLA's CPU thread pool,
+is then set to at least twice that unless given).
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+# XLA's CPU thread pool must be larger than the local device count, or in-process
+# collectives over several (simulated) CPU devices deadlock; set it before JAX starts
+# (the config file, parsed with the flags, already imports JAX).
+os.environ.setdefault(
+    "NPROC", str(max(2 * int(os.environ.get("JAX_NUM_CPU_DEVICES") or 1), os.cpu_count() or 1)))
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file (a Python file with get_config()).",

@@ -74,7 +74,14 @@ def test_bytes_formulas():
   assert nbytes(C.none()) == 4 * sum(sizes)
   ks = [C.ratio_to_k(0.1, n) for n in sizes]
   assert ks == [2, 8, 19, 1]
-  assert nbytes(C.top_k(0.1)) == 8 * sum(ks)
+  # top_k: float32 value + uint16 index offset per kept entry (leaves <= 65536 entries
+  # need no segment counts)
+  assert nbytes(C.top_k(0.1)) == 6 * sum(ks)
+  big = {"w": jnp.zeros((3 * 65536 + 5,), jnp.float32)}  # 4 segments, k = 1967 < 65536
+  k_big = C.ratio_to_k(0.01, 3 * 65536 + 5)
+  assert C.top_k(0.01).payload_bytes(jax.eval_shape(
+      lambda x: C.top_k(0.01).compress(x, C.top_k(0.01).init(x), KEY)[0], big)
+  ) == 6 * k_big + 2 * 4
   assert nbytes(C.rand_k(0.1)) == 4 * sum(ks)
   assert nbytes(C.rand_k(0.1, send_indices=True)) == 8 * sum(ks)
   for s in (1, 3, 4, 16, 255):
@@ -112,7 +119,7 @@ def test_top_k_exactly_k_largest(ratio):
     k = max(1, math.ceil(ratio * n))
     d = np.asarray(dec["v"])
     assert np.count_nonzero(d) == k
-    assert payload[0]["indices"].dtype == jnp.int32
+    assert payload[0]["index_low"].dtype == jnp.uint16
     assert payload[0]["values"].dtype == jnp.float32
     kept = np.abs(v.reshape(-1))[np.flatnonzero(d.reshape(-1))]
     dropped = np.abs(v.reshape(-1))[d.reshape(-1) == 0]
@@ -296,3 +303,20 @@ def test_make_compressor_names():
     C.qsgd(0)
   with pytest.raises(ValueError):
     C.powersgd(0)
+
+
+def test_top_k_segment_encoding_round_trips_on_large_leaves():
+  """Indices beyond 65535 travel as uint16 offsets plus per-segment counts, losslessly."""
+  n = 5 * 65536 + 123
+  x = {"w": jax.random.normal(jax.random.PRNGKey(3), (n,), jnp.float32)}
+  c = C.top_k(0.002)
+  payload, decoded, _ = c.compress(x, c.init(x), KEY)
+  leaf = jax.tree.leaves(payload)
+  k = C.ratio_to_k(0.002, n)
+  flat = np.asarray(x["w"])
+  keep = np.argsort(-np.abs(flat), kind="stable")[:k]
+  want = np.zeros(n, np.float32)
+  want[keep] = flat[keep]
+  np.testing.assert_array_equal(np.asarray(decoded["w"]), want)
+  dtypes = sorted(str(l.dtype) for l in leaf)
+  assert dtypes == ["float32", "uint16", "uint16"]

@@ -7,7 +7,8 @@
 
 `local_grad(params, model_state, batch, key) -> (grads, new_model_state, metrics)` is
 ONE worker's computation on its share of the batch (no communication; metrics a dict of
-scalars). The step runs it for the L local workers with `jax.vmap`, then `alg.step`,
+scalars). The step runs it for the L local workers one after another (`lax.map`, so the
+per-worker program is the same for any L), then `alg.step`,
 all inside one `shard_map`. Every output (and every metric) keeps the leading worker
 axis: metrics come back as (W,) arrays, including `bytes_sent` and, if tracked,
 `consensus_distance` (the same on all workers); average them on the host.
@@ -22,6 +23,7 @@ from __future__ import annotations
 from typing import Any, Callable, Optional
 
 import jax
+from jax import lax
 import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
@@ -79,7 +81,10 @@ def make_stacked_step(local_grad: LocalGrad, alg: Algorithm, mesh: Mesh, *,
       keys = jnp.broadcast_to(key_t[None], (l_count,) + key_t.shape)
     else:
       keys = wk.worker_keys(key_t, l_count)
-    grads, model_state, metrics = jax.vmap(local_grad)(params, model_state, batch, keys)
+    # lax.map, not vmap: each worker runs the same per-worker program whatever the number
+    # L of workers stacked on a device, so results do not depend on the device count.
+    grads, model_state, metrics = lax.map(lambda a: local_grad(*a),
+                                          (params, model_state, batch, keys))
     params, opt_state, comm_state, stats = alg.step(params, grads, opt_state, comm_state,
                                                     step, key_t)
     return params, opt_state, model_state, comm_state, {**metrics, **stats}

@@ -15,22 +15,27 @@ import os
 import sys
 import threading
 import time
-from typing import Any
+from typing import Any, Optional
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import tqdm
 
+from coltrain.comm.algorithms import make_algorithm
+from coltrain.comm.stacked import init_workers, split_batch
+from coltrain.comm.workers import make_mesh
 from coltrain.config import ConfigError, validate
 from coltrain.data import eval_batches, open_dataset, train_batches
 from coltrain.models import get_model
+from coltrain.numerics.policy import ResolvedPolicy, make_policy
 from coltrain.train.checkpoint import Checkpointer
 from coltrain.train.fingerprint import params_fingerprint
 from coltrain.train.metrics_writer import MetricsWriter
 from coltrain.train.optim import make_optimizer
 from coltrain.train.state import TrainState, create_train_state
-from coltrain.train.step import make_eval_step, make_train_step
+from coltrain.train.step import make_eval_step, make_train_step, make_worker_train_step
 
 # Keys that may change between an interrupted run and its resumption.
 # (`steps` is not among them: it shapes the learning-rate schedule.)
@@ -87,6 +92,38 @@ def evaluate(eval_step, state: TrainState, source, batch_size: int) -> dict[str,
   return {"test_loss": totals["loss_sum"] / n, "test_accuracy": totals["correct"] / n}
 
 
+def resolve_numerics(numerics_cfg: ml_collections.ConfigDict, model,
+                     input_shape: tuple[int, ...]) -> Optional[ResolvedPolicy]:
+  """The precision policy bound to `model` (None for plain fp32), or ConfigError."""
+  if numerics_cfg.policy == "fp32":
+    return None
+  try:
+    policy = make_policy(numerics_cfg.policy, datapath=numerics_cfg.datapath,
+                         backend=numerics_cfg.backend)
+    return policy.resolve(model, jnp.zeros(input_shape, jnp.float32), train=False)
+  except ValueError as e:
+    raise ConfigError(f"numerics.policy {numerics_cfg.policy!r}: {e}") from e
+
+
+def devices_for_workers(workers: int) -> int:
+  """The most local devices (at most all of them) over which `workers` split evenly."""
+  n = jax.local_device_count()
+  return max(d for d in range(1, n + 1) if workers % d == 0)
+
+
+def communication_summary(alg, stacked_params, steps: int, spectral_gap: float) -> dict:
+  """bytes_sent_per_worker (whole run, mean over workers, exact payload bytes),
+  consensus_distance (mean over workers of ||x_i - x_bar||^2 over all parameters),
+  spectral_gap of the mixing matrix (1 for exact averaging)."""
+  one = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), stacked_params)
+  total = float(sum(np.mean(alg.bytes_per_step(s, one)) for s in range(steps)))
+  leaves = [np.asarray(jax.device_get(x), np.float64) for x in jax.tree.leaves(stacked_params)]
+  w = leaves[0].shape[0]
+  dist = sum(((x - x.mean(0)) ** 2).reshape(w, -1).sum(1) for x in leaves).mean()
+  return {"bytes_sent_per_worker": total, "consensus_distance": float(dist),
+          "spectral_gap": spectral_gap, "workers": w}
+
+
 def _write_json_atomic(path: str, obj: Any) -> None:
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
@@ -116,8 +153,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   sources, spec = open_dataset(config.dataset, config.data_dir or None)
   model = get_model(config.model, spec.num_classes)
   tx, schedule = make_optimizer(config.optimizer, config.steps)
+  numerics = resolve_numerics(config.numerics, model, (1,) + spec.image_shape)
   state = create_train_state(model, tx, config.seed, (1,) + spec.image_shape)
+  if numerics is not None:  # weights live in the storage format from the start
+    state = state.replace(params=numerics.store(state.params, 0))
   num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
+
+  workers = config.comm.workers
+  alg = mesh = None
+  if workers > 1:
+    alg = make_algorithm(config.comm, tx=tx, track_consensus=False, seed=config.seed)
+    mesh = make_mesh(num_devices=devices_for_workers(workers))
+    params, opt_state, model_state, comm_state = init_workers(
+        state.params, state.model_state, tx, alg, mesh)
+    state = state.replace(params=params, opt_state=opt_state, model_state=model_state,
+                          comm_state=comm_state)
 
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints)
   resumed_from = ckpt.latest_step()
@@ -129,14 +179,53 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     ckpt.close()
     with open(summary_path) as f:  # the run is already complete: report it again
       return json.load(f)
+  spectral_gap = None
+  if alg is not None:
+    spectral_gap = alg.topology.spectral_gap() if alg.topology is not None else 1.0
   if is_main:
     what = f"resuming from step {start}" if resumed_from is not None else "starting"
     print(f"coltrain: {config.model} on {spec.name} ({spec.num_train} train / "
           f"{spec.num_test} test), {num_params:,} params; {what}; workdir {workdir}",
           file=sys.stderr, flush=True)
+    if alg is not None:
+      print(f"coltrain: {workers} workers on {mesh.devices.size} device(s), "
+            f"{config.comm.algorithm}"
+            + (f" over {config.comm.topology}" if alg.topology is not None else "")
+            + f", compressor {config.comm.compressor}; mixing spectral gap "
+            f"{spectral_gap:.4f}", file=sys.stderr, flush=True)
 
-  train_step = jax.jit(make_train_step(model, tx, schedule, spec), donate_argnums=0)
-  eval_step = jax.jit(make_eval_step(model, spec))
+  steps_by_phase: dict[int, Any] = {}  # one jitted train/eval step per policy phase
+  evals_by_phase: dict[int, Any] = {}
+
+  def phase_at(s: int) -> int:
+    return numerics.phase_at(s, config.steps) if numerics is not None else 0
+
+  def train_step(state, batch):
+    phase = phase_at(int(step))
+    if phase not in steps_by_phase:
+      if alg is None:
+        fn = make_train_step(model, tx, schedule, spec, numerics, phase)
+      else:
+        fn = make_worker_train_step(model, alg, mesh, schedule, spec, numerics, phase)
+      steps_by_phase[phase] = jax.jit(fn, donate_argnums=0)
+    if alg is not None:
+      batch = split_batch(batch, workers, mesh)
+    return steps_by_phase[phase](state, batch)
+
+  average_workers = jax.jit(lambda st: st.replace(
+      params=jax.tree.map(lambda x: x.mean(0), st.params), opt_state=None,
+      model_state=jax.tree.map(lambda x: x.mean(0), st.model_state), comm_state={}))
+
+  def eval_step(state, batch):
+    phase = phase_at(max(int(step) - 1, 0))  # the phase that produced these weights
+    if phase not in evals_by_phase:
+      evals_by_phase[phase] = jax.jit(make_eval_step(model, spec, numerics, phase))
+    return evals_by_phase[phase](state, batch)
+
+  def evaluate_state(state):
+    """Test metrics of the model (with several workers: of the workers' average)."""
+    return evaluate(eval_step, average_workers(state) if alg is not None else state,
+                    sources["test"], config.eval_batch_size)
   writer = MetricsWriter(workdir, enabled=is_main)
   batches = train_batches(sources["train"], global_batch_size=config.batch_size,
                           seed=config.seed, start_step=start,
@@ -187,7 +276,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         bar.set_postfix(loss=f"{means['loss']:.4f}", acc=f"{means['accuracy']:.3f}")
         window = []
       if eval_now:
-        eval_result = evaluate(eval_step, state, sources["test"], config.eval_batch_size)
+        eval_result = evaluate_state(state)
         writer.write(step, eval_result)
       if ckpt_now or stop_now:
         ckpt.save(step, state)
@@ -208,10 +297,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   }
   if not interrupted:
     ckpt.save(step, state)
-    eval_result = evaluate(eval_step, state, sources["test"], config.eval_batch_size)
+    eval_result = evaluate_state(state)
     writer.write(step, eval_result)
     summary.update(eval_result)
     summary["params_fingerprint"] = params_fingerprint(state.params)
+    if alg is not None:
+      summary.update(communication_summary(alg, state.params, step, spectral_gap))
   summary["wall_seconds"] = time.perf_counter() - t_begin
   writer.close()
   ckpt.close()

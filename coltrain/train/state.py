@@ -21,12 +21,18 @@ class TrainState:
   model_state: the model's other variable collections (e.g. `batch_stats`); {} if none.
   rng:         uint32[2] base PRNG key; step `s` uses `fold_in(rng, s)`, so randomness
                depends only on (seed, step), never on how the run was interrupted.
+  comm_state:  the communication algorithm's state (error-feedback memory, CHOCO public
+               copies, ...); {} for single-worker training.
+
+  With several workers (`comm.workers` > 1) params, opt_state, model_state and
+  comm_state carry a leading worker axis (W, ...); step and rng are shared.
   """
   step: jax.Array
   params: Any
   opt_state: Any
   model_state: Any
   rng: jax.Array
+  comm_state: Any = flax.struct.field(default_factory=dict)
 
 
 def create_train_state(model: nn.Module, tx: optax.GradientTransformation, seed: int,

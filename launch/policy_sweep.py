@@ -28,10 +28,27 @@ def _load_config(path: str):
   return module.get_config()
 
 
-def mantissa_bits(policy_name: str) -> float:
-  """Signed mantissa bits of the policy's dominant forward GEMM format (fp32: 24)."""
-  from coltrain.numerics import make_policy
-  return make_policy(policy_name).mantissa_bits
+def mantissa_bits(policy_name: str, config) -> float:
+  """Signed mantissa bits of the forward-GEMM format used by most layers in the policy's
+  first phase (fp32: 24; MX float elements: mantissa bits + sign)."""
+  import collections
+  import jax.numpy as jnp
+  from coltrain.data import open_dataset
+  from coltrain.models import get_model
+  from coltrain.numerics.formats import BFPFormat, MXFormat
+  from coltrain.numerics.policy import make_policy
+  if policy_name == "fp32":
+    return 24
+  _, spec = open_dataset(config.dataset, config.data_dir or None)
+  model = get_model(config.model, spec.num_classes)
+  resolved = make_policy(policy_name).resolve(
+      model, jnp.zeros((1,) + spec.image_shape, jnp.float32), train=False)
+  bits = []
+  for dot in resolved.specs(0).values():
+    fmt = dot.fwd.lhs
+    bits.append(fmt.mantissa_bits if isinstance(fmt, BFPFormat)
+                else fmt.man_bits + 1 if isinstance(fmt, MXFormat) else 24)
+  return collections.Counter(bits).most_common(1)[0][0] if bits else 24
 
 
 def write_table(records: list[dict], path: str) -> None:
@@ -83,7 +100,7 @@ def main(argv=None) -> int:
     if args.steps:
       config.steps = args.steps
     summary = train_and_evaluate(config, os.path.join(args.out, "runs", policy))
-    record = {"policy": policy, "mantissa_bits": mantissa_bits(policy),
+    record = {"policy": policy, "mantissa_bits": mantissa_bits(policy, config),
               **{k: summary[k] for k in ("test_accuracy", "test_loss", "steps",
                                          "train_steps_per_second", "params_fingerprint")}}
     records.append(record)

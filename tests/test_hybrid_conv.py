@@ -161,7 +161,7 @@ _reference_jit = jax.jit(_reference, static_argnums=(0, 1, 6, 7, 8))
 def _spec(datapath, b=4, fwd="bfp8", dlhs="bfp6", drhs="bfp7"):
   return DotSpec(fwd=GemmSpec(f"{fwd}_b{b}", f"{fwd}_b{b}"),
                  dlhs=GemmSpec(f"{dlhs}_b{b}", f"{dlhs}_b{b}", "stochastic", "nearest_even"),
-                 drhs=GemmSpec(f"{drhs}_b{b}", f"{drhs}_b{b}", "nearest_even", "stochastic"),
+                 drhs=GemmSpec(f"{drhs}_b{b}", f"{drhs}_b{b}", "stochastic", "stochastic"),
                  datapath=datapath)
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import optax
 import pytest
 
-from coltrain.models import LeNet, ResNet
+from coltrain.models import ResNet
 from coltrain.numerics.policy import make_policy
 from coltrain.numerics.quantize import quantize
 from coltrain.numerics.storage import store_weights, weight_storage

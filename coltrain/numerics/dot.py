@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Optional, Union
 
 import jax
 import jax.numpy as jnp

@@ -16,6 +16,31 @@ the phase has no stochastic rounding.
 Works under jit, grad/vjp, model.init and model.apply (with mutable collections, e.g.
 ResNet batch_stats): the context only has to be active while the model is *traced*, i.e.
 around `model.apply` inside the function being jitted/differentiated.
+
+Train-step sketch (one jitted step per phase; the phase is a static Python int):
+
+  resolved = make_policy("hbfp4_booster").resolve(model, jnp.zeros((1, 28, 28, 1)),
+                                                  train=False)
+  params = resolved.store(params, 0)                  # weights on the storage grid
+
+  def make_step(phase):
+    def step(state, x, y):
+      key = jax.random.fold_in(state.rng, state.step)
+      def loss_fn(params):
+        with numerics_context(resolved, phase,
+                              key if resolved.needs_key(phase) else None):
+          logits = model.apply({"params": params}, x)
+        return cross_entropy(logits, y)
+      loss, grads = jax.value_and_grad(loss_fn)(state.params)
+      updates, opt_state = tx.update(grads, state.opt_state, state.params)
+      params = resolved.store(optax.apply_updates(state.params, updates), phase)
+      ...
+    return jax.jit(step)
+
+  steps = {}
+  for s in range(total):
+    phase = resolved.phase_at(s, total)
+    state = steps.setdefault(phase, make_step(phase))(state, *batch)
 """
 
 from __future__ import annotations

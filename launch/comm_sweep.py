@@ -14,10 +14,11 @@ Each run's workdir is kept under --out/runs/<name>, so an interrupted sweep resu
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import sys
+
+from launch.sweeps import labeled_scatter, load_config, override_steps, save_results
 
 # name -> comm.* overrides. CHOCO's consensus step gamma is tuned per compressor.
 SETTINGS: dict[str, dict] = {
@@ -37,13 +38,6 @@ for _topo in ("ring", "torus", "exponential"):
                                      "gamma": 0.8, "topology": _topo}
 
 
-def _load_config(path: str):
-  spec = importlib.util.spec_from_file_location("sweep_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
-
-
 def write_table(records: list[dict], path: str) -> None:
   base = next((r for r in records if r["name"] == "allreduce"), None)
   lines = ["| setting | test accuracy | vs allreduce (pt) | MB sent per worker | "
@@ -61,21 +55,11 @@ def write_table(records: list[dict], path: str) -> None:
 
 
 def write_plot(records: list[dict], path: str) -> None:
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  fig, ax = plt.subplots(figsize=(7, 4.5))
-  for r in records:
-    ax.scatter(r["bytes_sent_per_worker"] / 1e6, 100 * r["test_accuracy"], s=36)
-    ax.annotate(r["name"], (r["bytes_sent_per_worker"] / 1e6, 100 * r["test_accuracy"]),
-                textcoords="offset points", xytext=(4, 3), fontsize=7)
-  ax.set_xscale("log")
-  ax.set_xlabel("MB sent per worker (whole run)")
-  ax.set_ylabel("test accuracy (%) of the averaged model")
-  ax.set_title("Accuracy vs communication")
-  ax.grid(True, alpha=0.3)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  labeled_scatter(path, [(r["bytes_sent_per_worker"] / 1e6, 100 * r["test_accuracy"],
+                          r["name"]) for r in records],
+                  xlabel="MB sent per worker (whole run)",
+                  ylabel="test accuracy (%) of the averaged model",
+                  title="Accuracy vs communication", xscale={"value": "log"})
 
 
 def main(argv=None) -> int:
@@ -97,12 +81,11 @@ def main(argv=None) -> int:
   os.makedirs(args.out, exist_ok=True)
   records = []
   for name in names:
-    config = _load_config(args.config)
+    config = load_config(args.config)
     config.comm.workers = args.workers
     for k, v in SETTINGS[name].items():
       config.comm[k] = v
-    if args.steps:
-      config.steps = args.steps
+    override_steps(config, args.steps)
     config.eval_every = 0
     summary = train_and_evaluate(config, os.path.join(args.out, "runs", name))
     record = {"name": name, **SETTINGS[name],
@@ -111,11 +94,7 @@ def main(argv=None) -> int:
                                          "spectral_gap", "train_steps_per_second")}}
     records.append(record)
     print(json.dumps(record), flush=True)
-  with open(os.path.join(args.out, "comm.json"), "w") as f:
-    json.dump(records, f, indent=2)
-  write_table(records, os.path.join(args.out, "comm.md"))
-  write_plot(records, os.path.join(args.out, "accuracy_vs_bytes.png"))
-  print(open(os.path.join(args.out, "comm.md")).read())
+  save_results(args.out, "comm", records, write_table, write_plot, "accuracy_vs_bytes.png")
   return 0
 
 

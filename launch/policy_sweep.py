@@ -13,19 +13,13 @@ Each run's workdir is kept under --out/runs/<policy>, so an interrupted sweep re
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import sys
 
+from launch.sweeps import labeled_scatter, load_config, override_steps, save_results
+
 PRESETS = ("fp32", "hbfp8_16", "hbfp4_16", "hbfp4_booster", "mxfp8", "mxint8")
-
-
-def _load_config(path: str):
-  spec = importlib.util.spec_from_file_location("sweep_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
 
 
 def mantissa_bits(policy_name: str, config) -> float:
@@ -64,21 +58,12 @@ def write_table(records: list[dict], path: str) -> None:
 
 
 def write_plot(records: list[dict], path: str) -> None:
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  fig, ax = plt.subplots(figsize=(6, 4))
-  for r in records:
-    ax.scatter(r["mantissa_bits"], 100 * r["test_accuracy"], s=40)
-    ax.annotate(r["policy"], (r["mantissa_bits"], 100 * r["test_accuracy"]),
-                textcoords="offset points", xytext=(5, 4), fontsize=8)
-  ax.set_xscale("log", base=2)
-  ax.set_xlabel("GEMM mantissa bits (incl. sign; fp32 = 24)")
-  ax.set_ylabel("test accuracy (%)")
-  ax.set_title("Precision policies on the same config and seed")
-  ax.grid(True, alpha=0.3)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  labeled_scatter(path, [(r["mantissa_bits"], 100 * r["test_accuracy"], r["policy"])
+                         for r in records],
+                  xlabel="GEMM mantissa bits (incl. sign; fp32 = 24)",
+                  ylabel="test accuracy (%)",
+                  title="Precision policies on the same config and seed",
+                  xscale={"value": "log", "base": 2})
 
 
 def main(argv=None) -> int:
@@ -95,21 +80,16 @@ def main(argv=None) -> int:
   os.makedirs(args.out, exist_ok=True)
   records = []
   for policy in args.policies.split(","):
-    config = _load_config(args.config)
+    config = load_config(args.config)
     config.numerics.policy = policy
-    if args.steps:
-      config.steps = args.steps
+    override_steps(config, args.steps)
     summary = train_and_evaluate(config, os.path.join(args.out, "runs", policy))
     record = {"policy": policy, "mantissa_bits": mantissa_bits(policy, config),
               **{k: summary[k] for k in ("test_accuracy", "test_loss", "steps",
                                          "train_steps_per_second", "params_fingerprint")}}
     records.append(record)
     print(json.dumps(record), flush=True)
-  with open(os.path.join(args.out, "policies.json"), "w") as f:
-    json.dump(records, f, indent=2)
-  write_table(records, os.path.join(args.out, "policies.md"))
-  write_plot(records, os.path.join(args.out, "accuracy_vs_bits.png"))
-  print(open(os.path.join(args.out, "policies.md")).read())
+  save_results(args.out, "policies", records, write_table, write_plot, "accuracy_vs_bits.png")
   return 0
 
 

@@ -115,7 +115,7 @@ def test_bytes_per_worker():
 
   np.testing.assert_allclose(first("allreduce"), ring)
   k_kernel, k_bias = 7, 1  # top_k 0.1 of 64 and of 4
-  np.testing.assert_allclose(first("allreduce_top_k_ef"), (W - 1) * 8 * (k_kernel + k_bias))
+  np.testing.assert_allclose(first("allreduce_top_k_ef"), (W - 1) * 6 * (k_kernel + k_bias))  # f32 + u16
   np.testing.assert_allclose(first("allreduce_rand_k"), (W - 1) * 4 * (16 + 1))
   np.testing.assert_allclose(first("allreduce_sign_ef"), (W - 1) * ((4 + 8) + (4 + 1)))
   np.testing.assert_allclose(first("allreduce_qsgd"),  # 1 + 3 bits per element
@@ -124,7 +124,7 @@ def test_bytes_per_worker():
                              (W - 1) * ((64 + 16) + (4 + 1)))
   np.testing.assert_allclose(first("dpsgd_ring"), 2 * model)
   np.testing.assert_allclose(first("dpsgd_one_peer"), model)
-  np.testing.assert_allclose(first("choco_top_k"), 2 * 8 * (16 + 1))
+  np.testing.assert_allclose(first("choco_top_k"), 2 * 6 * (16 + 1))
   np.testing.assert_allclose(first("choco_qsgd_torus"), 3 * ((4 + 48) + (4 + 3)))  # 2x4 torus
   np.testing.assert_allclose(first("gradient_tracking"), 3 * 2 * model)  # 3 peers, x and y
   lsgd = first("local_sgd")

@@ -7,8 +7,8 @@ Measures (medians over repeats, jitted, after warm-up):
   * the fake-quant matmul at the same size vs jnp.dot float32;
   * quantization throughput in GB/s of float32 input (bfp8_b64 nearest/stochastic,
     mxfp8_e4m3), 16M elements;
-  * train steps/s of the default config under policy fp32 vs hbfp8_16 (fake datapath),
-    from summary.json's `train_steps_per_second` of two short runs.
+  * the default config's jitted train step (LeNet, batch 64) under policy fp32 vs
+    hbfp8_16 (fake datapath), timed round-robin on the same batch.
 """
 
 from __future__ import annotations
@@ -18,20 +18,23 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 
 
-def _median_seconds(fn, *args, repeats: int, warmup: int = 2) -> float:
+def _median_seconds(fns: dict, *args, repeats: int, warmup: int = 2) -> dict:
+  """Median wall seconds of each jitted fn(*args), measured round-robin (one call of
+  each per round) so that load changes on a shared machine hit all of them alike."""
   import jax
-  for _ in range(warmup):
-    jax.block_until_ready(fn(*args))
-  times = []
+  for fn in fns.values():
+    for _ in range(warmup):
+      jax.block_until_ready(fn(*args))
+  times: dict = {name: [] for name in fns}
   for _ in range(repeats):
-    t = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t)
-  return statistics.median(times)
+    for name, fn in fns.items():
+      t = time.perf_counter()
+      jax.block_until_ready(fn(*args))
+      times[name].append(time.perf_counter() - t)
+  return {name: statistics.median(t) for name, t in times.items()}
 
 
 def bench_matmul(n: int, repeats: int) -> dict:
@@ -44,9 +47,8 @@ def bench_matmul(n: int, repeats: int) -> dict:
   dot = jax.jit(lambda x, y: jnp.dot(x, y, precision=jax.lax.Precision.HIGHEST))
   exact = jax.jit(lambda x, y: matmul(x, y, lhs="bfp8_b64", rhs="bfp8_b64", datapath="exact"))
   fake = jax.jit(lambda x, y: matmul(x, y, lhs="bfp8_b64", rhs="bfp8_b64", datapath="fake"))
-  t_dot = _median_seconds(dot, a, b, repeats=repeats)
-  t_exact = _median_seconds(exact, a, b, repeats=repeats)
-  t_fake = _median_seconds(fake, a, b, repeats=repeats)
+  t = _median_seconds({"dot": dot, "exact": exact, "fake": fake}, a, b, repeats=repeats)
+  t_dot, t_exact, t_fake = t["dot"], t["exact"], t["fake"]
   return {"shape": [n, n, n], "jnp_dot_ms": 1e3 * t_dot, "exact_bfp8_b64_ms": 1e3 * t_exact,
           "fake_bfp8_b64_ms": 1e3 * t_fake, "exact_over_dot": t_exact / t_dot,
           "fake_over_dot": t_fake / t_dot}
@@ -64,30 +66,40 @@ def bench_quantize(n: int, repeats: int) -> dict:
                                                         random_bits=bits)),
       "mxfp8_e4m3_nearest_even": jax.jit(lambda v: quantize(v, "mxfp8_e4m3")),
   }
+  cases["elementwise_baseline"] = jax.jit(lambda v: v * 2.0)
+  t = _median_seconds(cases, x, repeats=repeats)
   out = {"elements": n}
-  for name, fn in cases.items():
-    out[f"{name}_GBps"] = x.nbytes / _median_seconds(fn, x, repeats=repeats) / 1e9
-  copy = jax.jit(lambda v: v * 1.0 + 0.0)
-  out["elementwise_baseline_GBps"] = x.nbytes / _median_seconds(copy, x, repeats=repeats) / 1e9
+  out.update({f"{name}_GBps": x.nbytes / sec / 1e9 for name, sec in t.items()})
   return out
 
 
-def bench_train_step(steps: int) -> dict:
+def bench_train_step(repeats: int) -> dict:
+  """Jitted train step of the default config (LeNet, batch 64) under policy fp32 and
+  hbfp8_16 (fake datapath), timed round-robin on the same batch and state."""
+  import jax
+  import jax.numpy as jnp
   from configs.default import get_config
-  from coltrain.train import train_and_evaluate
-  out = {}
+  from coltrain.data import open_dataset, train_batches
+  from coltrain.models import get_model
+  from coltrain.train import create_train_state, make_optimizer, make_train_step
+  from coltrain.train.loop import resolve_numerics
+  config = get_config()
+  sources, spec = open_dataset(config.dataset, config.data_dir or None)
+  model = get_model(config.model, spec.num_classes)
+  tx, schedule = make_optimizer(config.optimizer, config.steps)
+  shape = (1,) + spec.image_shape
+  state = create_train_state(model, tx, config.seed, shape)
+  state = state.replace(step=jnp.asarray(100, jnp.int32))  # past warmup
+  batch = jax.device_put(next(train_batches(sources["train"],
+                                            global_batch_size=config.batch_size, seed=0)))
+  steps = {}
   for policy in ("fp32", "hbfp8_16"):
-    config = get_config()
-    config.steps = steps
-    config.eval_every = 0
-    config.checkpoint_every = 0
     config.numerics.policy = policy
-    with tempfile.TemporaryDirectory() as workdir:
-      summary = train_and_evaluate(config, workdir)
-    out[f"{policy}_train_steps_per_second"] = summary["train_steps_per_second"]
-  out["hbfp8_16_step_time_over_fp32"] = (out["fp32_train_steps_per_second"] /
-                                         out["hbfp8_16_train_steps_per_second"])
-  return out
+    numerics = resolve_numerics(config.numerics, model, shape)
+    steps[policy] = jax.jit(make_train_step(model, tx, schedule, spec, numerics))
+  t = _median_seconds(steps, state, batch, repeats=repeats)
+  return {"fp32_step_ms": 1e3 * t["fp32"], "hbfp8_16_step_ms": 1e3 * t["hbfp8_16"],
+          "hbfp8_16_step_time_over_fp32": t["hbfp8_16"] / t["fp32"]}
 
 
 def main(argv=None) -> int:
@@ -105,7 +117,7 @@ def main(argv=None) -> int:
   results["quantize"] = bench_quantize(1 << 24, repeats)
   print(json.dumps(results["quantize"], indent=1), flush=True)
   if not args.skip_train:
-    results["train_step"] = bench_train_step(150 if args.quick else 400)
+    results["train_step"] = bench_train_step(repeats * 2)
     print(json.dumps(results["train_step"], indent=1), flush=True)
   with open(args.out, "w") as f:
     json.dump(results, f, indent=2)

@@ -98,4 +98,8 @@ def test_bad_policy_fails_before_training(tfds_dir, tmp_path, policy, needle):
 def test_policy_pattern_matching_no_layer_fails_before_training(tfds_dir, tmp_path):
   with pytest.raises(ConfigError, match="matches no GEMM layer.*dense0"):
     train_and_evaluate(small_config(**{"numerics.policy": "conv9=bfp8"}), str(tmp_path / "w"))
-  assert not (tmp_path / "w" / "checkpoints").exists()
+  assert not (tmp_path / "w").exists()
+  # The corrected policy then runs in the same workdir.
+  fixed = train_and_evaluate(small_config(steps=5, **{"numerics.policy": "dense0=bfp8"}),
+                             str(tmp_path / "w"))
+  assert fixed["steps"] == 5

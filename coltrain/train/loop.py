@@ -147,13 +147,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   t_begin = time.perf_counter()
   config = validate(config)
   is_main = jax.process_index() == 0
-  os.makedirs(workdir, exist_ok=True)
-  _check_or_write_config(workdir, config, write=is_main)
-
   sources, spec = open_dataset(config.dataset, config.data_dir or None)
   model = get_model(config.model, spec.num_classes)
   tx, schedule = make_optimizer(config.optimizer, config.steps)
   numerics = resolve_numerics(config.numerics, model, (1,) + spec.image_shape)
+  # Only a config that passed every check (incl. the policy against the model) is recorded.
+  os.makedirs(workdir, exist_ok=True)
+  _check_or_write_config(workdir, config, write=is_main)
   state = create_train_state(model, tx, config.seed, (1,) + spec.image_shape)
   if numerics is not None:  # weights live in the storage format from the start
     state = state.replace(params=numerics.store(state.params, 0))

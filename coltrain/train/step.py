@@ -15,7 +15,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
-
 from jax.sharding import Mesh
 
 from coltrain.comm.algorithms import Algorithm

@@ -31,7 +31,7 @@ SETTINGS: dict[str, dict] = {
 }
 for _topo in ("ring", "torus", "exponential"):
   SETTINGS[f"choco_top_k_{_topo}"] = {"algorithm": "choco", "compressor": "top_k",
-                                      "ratio": 0.01, "gamma": 0.3, "topology": _topo}
+                                      "ratio": 0.01, "gamma": 0.1, "topology": _topo}
   SETTINGS[f"choco_sign_{_topo}"] = {"algorithm": "choco", "compressor": "sign",
                                      "gamma": 0.3, "topology": _topo}
   SETTINGS[f"choco_bfp4_{_topo}"] = {"algorithm": "choco", "compressor": "bfp4_b64",

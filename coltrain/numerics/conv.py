@@ -60,8 +60,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from coltrain.numerics.dot import (HIGHEST, DotSpec, GemmSpec, check_float32, check_key,
-                                   check_out_dtype, gemm, operand_bits, quantize_operand)
+from coltrain.numerics.dot import (HIGHEST, DotSpec, GemmSpec, check_key, check_operands,
+                                   gemm, operand_bits, quantize_operand)
 from coltrain.numerics.fakeq import fake_quantize
 
 
@@ -339,11 +339,7 @@ def quantized_conv_general_dilated(spec: DotSpec):
                            feature_group_count=1, batch_group_count=1, precision=None,
                            preferred_element_type=None, *, key=None, out_sharding=None):
     del precision
-    if out_sharding is not None:
-      raise ValueError("quantized conv: out_sharding is not supported")
-    check_out_dtype(preferred_element_type, "quantized conv")
-    lhs = check_float32(lhs, "conv lhs")
-    rhs = check_float32(rhs, "conv rhs")
+    lhs, rhs = check_operands(lhs, rhs, preferred_element_type, out_sharding, "conv")
     geom = normalize_conv_args(lhs, rhs, window_strides, padding, lhs_dilation,
                                rhs_dilation, dimension_numbers, feature_group_count,
                                batch_group_count)

@@ -220,6 +220,15 @@ def check_out_dtype(preferred_element_type, what: str):
 # ---------------------------------------------------------------------------------------
 # The 2-D quantized GEMM with its custom VJP.
 
+def check_operands(lhs, rhs, preferred_element_type, out_sharding, what: str):
+  """The shared argument checks of the quantized lax replacements: float32 operands
+  (returned as arrays), float32 output, no out_sharding."""
+  if out_sharding is not None:
+    raise ValueError(f"quantized {what}: out_sharding is not supported")
+  check_out_dtype(preferred_element_type, f"quantized {what}")
+  return check_float32(lhs, f"{what} lhs"), check_float32(rhs, f"{what} rhs")
+
+
 def _fwd(spec: DotSpec, x, w, key):
   g = spec.fwd
   qx = quantize_operand(x, g.lhs, g.lhs_rounding, 1, key, 0, 0)   # X (M, K) along K
@@ -293,11 +302,7 @@ def quantized_dot_general(spec: DotSpec):
   def dot_general(lhs, rhs, dimension_numbers, precision=None,
                   preferred_element_type=None, *, key=None, out_sharding=None):
     del precision
-    if out_sharding is not None:
-      raise ValueError("quantized dot_general: out_sharding is not supported")
-    check_out_dtype(preferred_element_type, "quantized dot_general")
-    lhs = check_float32(lhs, "dot_general lhs")
-    rhs = check_float32(rhs, "dot_general rhs")
+    lhs, rhs = check_operands(lhs, rhs, preferred_element_type, out_sharding, "dot_general")
     try:
       (lc, rc), (lb, rb) = dimension_numbers
     except (TypeError, ValueError):

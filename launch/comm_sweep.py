@@ -1,7 +1,7 @@
 """Test accuracy vs bytes sent for the communication algorithms: table + plot.
 
   python -m launch.comm_sweep [--config configs/default.py] [--workers 8] [--steps N]
-      [--out results/comm] [--only NAME,NAME]
+      [--lr LR] [--out results/comm] [--only NAME,NAME]
 
 Trains the config once per setting below (same seed, steps and global batch; `--workers`
 workers) and writes into --out:
@@ -68,6 +68,8 @@ def main(argv=None) -> int:
   p.add_argument("--out", default="results/comm")
   p.add_argument("--workers", type=int, default=8)
   p.add_argument("--steps", type=int, default=0, help="override config.steps (0: keep)")
+  p.add_argument("--lr", type=float, default=0.0,
+                 help="override optimizer.learning_rate for every setting (0: keep)")
   p.add_argument("--only", default="", help="comma-separated subset of settings")
   args = p.parse_args(argv)
   from absl import logging
@@ -86,6 +88,8 @@ def main(argv=None) -> int:
     for k, v in SETTINGS[name].items():
       config.comm[k] = v
     override_steps(config, args.steps)
+    if args.lr > 0:
+      config.optimizer.learning_rate = args.lr
     config.eval_every = 0
     summary = train_and_evaluate(config, os.path.join(args.out, "runs", name))
     record = {"name": name, **SETTINGS[name],

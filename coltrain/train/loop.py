@@ -23,6 +23,9 @@ import ml_collections
 import numpy as np
 import tqdm
 
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from coltrain.comm import workers as wk
 from coltrain.comm.algorithms import make_algorithm
 from coltrain.comm.stacked import init_workers, split_batch
 from coltrain.comm.workers import make_mesh
@@ -84,7 +87,7 @@ def evaluate(eval_step, state: TrainState, source, batch_size: int) -> dict[str,
     sums = jax.device_get(eval_step(state, batch))
     for k in totals:
       totals[k] += float(sums[k])
-  if jax.process_count() > 1:  # pragma: no cover - exercised by the multi-process issue
+  if jax.process_count() > 1:
     from jax.experimental import multihost_utils
     vals = multihost_utils.process_allgather(np.array([totals[k] for k in totals]))
     totals = dict(zip(totals, np.asarray(vals).sum(0).tolist()))
@@ -111,13 +114,77 @@ def devices_for_workers(workers: int) -> int:
   return max(d for d in range(1, n + 1) if workers % d == 0)
 
 
+def worker_mesh(workers: int) -> Mesh:
+  """The 1-D `workers` mesh for `workers` stacked workers over every JAX process.
+
+  One process: the most local devices over which the workers split evenly. P processes:
+  each process contributes the same number d of its local devices (the most with
+  (W / P) % d == 0), ordered by process, so process p holds the contiguous block of
+  workers p*W/P ... (p+1)*W/P - 1 -- exactly the workers whose examples its data
+  pipeline reads (worker g takes rows g*B/W ... of the global batch).
+  """
+  nproc = jax.process_count()
+  if nproc == 1:
+    return make_mesh(num_devices=devices_for_workers(workers))
+  if workers % nproc:
+    raise ConfigError(f"'comm.workers' {workers} must be a multiple of the {nproc} JAX "
+                      f"processes (each process runs W/P workers); e.g. "
+                      f"--config.comm.workers={nproc * max(1, workers // nproc)}")
+  per_process = workers // nproc
+  by_process: dict[int, list] = {}
+  for dev in jax.devices():
+    by_process.setdefault(dev.process_index, []).append(dev)
+  counts = {len(v) for v in by_process.values()}
+  n_local = min(counts)
+  d = max(k for k in range(1, n_local + 1) if per_process % k == 0)
+  devices = [dev for p in sorted(by_process)
+             for dev in sorted(by_process[p], key=lambda x: x.id)[:d]]
+  return make_mesh(devices=devices)
+
+
+def to_host(tree: Any) -> Any:
+  """numpy copies of a pytree's arrays, also of arrays that span several processes
+  (gathered from all of them: a collective, so every process must call it)."""
+
+  def one(x):
+    if not isinstance(x, jax.Array) or x.is_fully_addressable:
+      return np.asarray(jax.device_get(x))
+    if x.is_fully_replicated:
+      return np.asarray(x.addressable_data(0))
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+  return jax.tree.map(one, tree)
+
+
+def worker_batch(local_batch: dict, workers: int, mesh: Mesh) -> dict:
+  """This process's slice of the global batch -> (W, B/W, ...) arrays over `mesh`.
+
+  One process: `split_batch`. P processes: the local rows (B/P of them, the slice the
+  pipeline read) are this process's workers' shares, assembled into one global array
+  with `jax.make_array_from_process_local_data` (no data crosses processes).
+  """
+  if jax.process_count() == 1:
+    return split_batch(local_batch, workers, mesh)
+  per_process = workers // jax.process_count()
+  sharding = NamedSharding(mesh, PartitionSpec(wk.AXIS))
+
+  def one(x):
+    x = np.asarray(x)
+    local = x.reshape((per_process, x.shape[0] // per_process) + x.shape[1:])
+    return jax.make_array_from_process_local_data(sharding, local,
+                                                  (workers,) + local.shape[1:])
+
+  return jax.tree.map(one, local_batch)
+
+
 def communication_summary(alg, stacked_params, steps: int, spectral_gap: float) -> dict:
   """bytes_sent_per_worker (whole run, mean over workers, exact payload bytes),
   consensus_distance (mean over workers of ||x_i - x_bar||^2 over all parameters),
   spectral_gap of the mixing matrix (1 for exact averaging)."""
   one = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), stacked_params)
   total = float(sum(np.mean(alg.bytes_per_step(s, one)) for s in range(steps)))
-  leaves = [np.asarray(jax.device_get(x), np.float64) for x in jax.tree.leaves(stacked_params)]
+  leaves = [np.asarray(x, np.float64) for x in jax.tree.leaves(to_host(stacked_params))]
   w = leaves[0].shape[0]
   dist = sum(((x - x.mean(0)) ** 2).reshape(w, -1).sum(1) for x in leaves).mean()
   return {"bytes_sent_per_worker": total, "consensus_distance": float(dist),
@@ -147,6 +214,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   t_begin = time.perf_counter()
   config = validate(config)
   is_main = jax.process_index() == 0
+  if jax.process_count() > 1:  # process 0 prepares the dataset (first use) alone
+    from jax.experimental import multihost_utils
+    if is_main:
+      open_dataset(config.dataset, config.data_dir or None)
+    multihost_utils.sync_global_devices("coltrain: dataset ready")
   sources, spec = open_dataset(config.dataset, config.data_dir or None)
   model = get_model(config.model, spec.num_classes)
   tx, schedule = make_optimizer(config.optimizer, config.steps)
@@ -160,18 +232,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
 
   workers = config.comm.workers
+  multiprocess = jax.process_count() > 1
   alg = mesh = None
+  if multiprocess and workers == 1:
+    raise ConfigError(f"{jax.process_count()} JAX processes need several workers: set "
+                      f"--config.comm.workers to a multiple of {jax.process_count()}")
   if workers > 1:
     alg = make_algorithm(config.comm, tx=tx, track_consensus=False, seed=config.seed)
-    mesh = make_mesh(num_devices=devices_for_workers(workers))
+    mesh = worker_mesh(workers)
     params, opt_state, model_state, comm_state = init_workers(
         state.params, state.model_state, tx, alg, mesh)
     state = state.replace(params=params, opt_state=opt_state, model_state=model_state,
                           comm_state=comm_state)
+    if multiprocess:  # every array of the state is global: shared scalars replicated
+      state = state.replace(step=wk.replicate(state.step, mesh),
+                            rng=wk.replicate(state.rng, mesh))
 
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints)
   resumed_from = ckpt.latest_step()
-  if resumed_from is not None:
+  if resumed_from is not None:  # into this run's shardings, whatever the process count
     state = ckpt.restore(state)
   start = int(state.step)
   summary_path = os.path.join(workdir, "summary.json")
@@ -188,7 +267,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           f"{spec.num_test} test), {num_params:,} params; {what}; workdir {workdir}",
           file=sys.stderr, flush=True)
     if alg is not None:
-      print(f"coltrain: {workers} workers on {mesh.devices.size} device(s), "
+      where = (f" in {jax.process_count()} processes" if multiprocess else "")
+      print(f"coltrain: {workers} workers on {mesh.devices.size} device(s){where}, "
             f"{config.comm.algorithm}"
             + (f" over {config.comm.topology}" if alg.topology is not None else "")
             + f", compressor {config.comm.compressor}; mixing spectral gap "
@@ -209,7 +289,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         fn = make_worker_train_step(model, alg, mesh, schedule, spec, numerics, phase)
       steps_by_phase[phase] = jax.jit(fn, donate_argnums=0)
     if alg is not None:
-      batch = split_batch(batch, workers, mesh)
+      batch = worker_batch(batch, workers, mesh)
     return steps_by_phase[phase](state, batch)
 
   average_workers = jax.jit(lambda st: st.replace(
@@ -223,10 +303,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     return evals_by_phase[phase](state, batch)
 
   def evaluate_state(state):
-    """Test metrics of the model (with several workers: of the workers' average)."""
-    return evaluate(eval_step, average_workers(state) if alg is not None else state,
-                    sources["test"], config.eval_batch_size)
-  writer = MetricsWriter(workdir, enabled=is_main)
+    """Test metrics of the model (with several workers: of the workers' average).
+    With several processes the average comes to every host and each process evaluates
+    its slice of the test set on its own devices (sums combined across processes)."""
+    if alg is not None:
+      state = average_workers(state)
+      if multiprocess:
+        state = to_host(state)
+    return evaluate(eval_step, state, sources["test"], config.eval_batch_size)
+  writer = MetricsWriter(workdir, enabled=is_main, resume_step=start)
   batches = train_batches(sources["train"], global_batch_size=config.batch_size,
                           seed=config.seed, start_step=start,
                           process_index=jax.process_index(),
@@ -265,6 +350,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       eval_now = config.eval_every and step % config.eval_every == 0 and step < config.steps
       ckpt_now = config.checkpoint_every and step % config.checkpoint_every == 0
       stop_now = stop is not None and stop.is_set()
+      if multiprocess:
+        # JAX's preemption sync: a SIGTERM to any process (launch.train turns SIGINT into
+        # one) makes every process stop and checkpoint after the same step.
+        from jax.experimental import multihost_utils
+        stop_now = multihost_utils.reached_preemption_sync_point(step)
       if not (log_now or eval_now or ckpt_now or stop_now or step == config.steps):
         continue
       now = close_window()
@@ -300,9 +390,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     eval_result = evaluate_state(state)
     writer.write(step, eval_result)
     summary.update(eval_result)
-    summary["params_fingerprint"] = params_fingerprint(state.params)
+    final_params = to_host(state.params) if multiprocess else state.params
+    summary["params_fingerprint"] = params_fingerprint(final_params)
     if alg is not None:
-      summary.update(communication_summary(alg, state.params, step, spectral_gap))
+      summary.update(communication_summary(alg, final_params, step, spectral_gap))
   summary["wall_seconds"] = time.perf_counter() - t_begin
   writer.close()
   ckpt.close()

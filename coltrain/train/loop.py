@@ -102,7 +102,7 @@ def resolve_numerics(numerics_cfg: ml_collections.ConfigDict, model,
     return None
   try:
     policy = make_policy(numerics_cfg.policy, datapath=numerics_cfg.datapath,
-                         backend=numerics_cfg.backend)
+                         backend=numerics_cfg.backend, hw_plugin=numerics_cfg.hw_plugin)
     return policy.resolve(model, jnp.zeros(input_shape, jnp.float32), train=False)
   except ValueError as e:
     raise ConfigError(f"numerics.policy {numerics_cfg.policy!r}: {e}") from e
@@ -238,7 +238,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     raise ConfigError(f"{jax.process_count()} JAX processes need several workers: set "
                       f"--config.comm.workers to a multiple of {jax.process_count()}")
   if workers > 1:
-    alg = make_algorithm(config.comm, tx=tx, track_consensus=False, seed=config.seed)
+    alg = make_algorithm(config.comm, tx=tx, track_consensus=False, seed=config.seed,
+                         backend=config.numerics.backend, hw_plugin=config.numerics.hw_plugin)
     mesh = worker_mesh(workers)
     params, opt_state, model_state, comm_state = init_workers(
         state.params, state.model_state, tx, alg, mesh)

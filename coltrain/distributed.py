@@ -9,8 +9,7 @@ Where the process group comes from, first match wins:
      sets the first two and takes the id from an Indexed Job's `JOB_COMPLETION_INDEX`);
   3. SLURM (`srun`, one task per host): `SLURM_NTASKS` > 1, `SLURM_PROCID`, the
      coordinator is the first host of `SLURM_STEP_NODELIST` (or `SLURM_JOB_NODELIST`) on
-     port `COLTRAIN_COORDINATOR_PORT` (default 1234 + SLURM_JOB_ID % 4096... see
-     `_slurm_port`).
+     port `COLTRAIN_COORDINATOR_PORT` (default: 61440 + SLURM_JOB_ID % 4096).
 
 None of these: a plain single process, `jax.distributed` is not started.
 
@@ -28,6 +27,7 @@ import dataclasses
 import os
 import re
 import sys
+import threading
 from typing import Mapping, Optional
 
 ENV_COORDINATOR = "COLTRAIN_COORDINATOR"
@@ -39,6 +39,7 @@ ENV_INIT_TIMEOUT = "COLTRAIN_INIT_TIMEOUT"
 
 DEFAULT_HEARTBEAT_TIMEOUT = 30   # seconds without heartbeats before a process is dead
 DEFAULT_INIT_TIMEOUT = 300       # seconds to wait for every process to connect
+INIT_TIMEOUT_MARGIN = 5          # jaxlib's own deadline, after coltrain's watchdog
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,19 +131,32 @@ def initialize(settings: Settings) -> None:
   """
   import jax
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  what = (f"process {settings.process_id} of {settings.num_processes}: the process group "
+          f"at {settings.coordinator} did not come together within "
+          f"{settings.init_timeout} s (a peer never arrived, or the coordinator is "
+          f"unreachable); every process must be started with the same coordinator and "
+          f"process count")
+  # jaxlib aborts the process (with a terse C++ log) when its own deadline passes; this
+  # watchdog fires first and says what happened.
+  done = threading.Event()
+
+  def watchdog():
+    if not done.wait(settings.init_timeout):
+      fatal(f"coltrain: {what}; stopping.", 1)
+
+  threading.Thread(target=watchdog, daemon=True, name="coltrain-init-watchdog").start()
   try:
     jax.distributed.initialize(
         coordinator_address=settings.coordinator, num_processes=settings.num_processes,
-        process_id=settings.process_id, initialization_timeout=settings.init_timeout,
+        process_id=settings.process_id,
+        initialization_timeout=settings.init_timeout + INIT_TIMEOUT_MARGIN,
         heartbeat_timeout_seconds=settings.heartbeat_timeout,
         # With a dead peer the shutdown barrier can never complete: do not wait long.
         shutdown_timeout_seconds=min(settings.heartbeat_timeout, 60))
   except Exception as e:  # jaxlib raises XlaRuntimeError / DEADLINE_EXCEEDED etc.
-    raise DistributedError(
-        f"process {settings.process_id} of {settings.num_processes}: could not join the "
-        f"process group at {settings.coordinator} within {settings.init_timeout} s "
-        f"({type(e).__name__}: {_first_line(e)}). Every process must be started with the "
-        f"same coordinator and process count.") from e
+    raise DistributedError(f"{what} ({type(e).__name__}: {_first_line(e)})") from e
+  finally:
+    done.set()
 
 
 def _first_line(e: BaseException) -> str:

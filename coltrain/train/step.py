@@ -160,3 +160,19 @@ def make_eval_step(model: nn.Module, spec: DatasetSpec,
             "count": jnp.sum(mask)}
 
   return eval_step
+
+
+def make_predict_step(model: nn.Module, spec: DatasetSpec,
+                      numerics: Optional[ResolvedPolicy] = None, phase: int = 0
+                      ) -> Callable[[dict, dict, jax.Array], jax.Array]:
+  """Builds `predict(params, model_state, images) -> logits` for serving: images are
+  (B, H, W, C) pixels (uint8, or float32 in the same 0..255 units), normalized exactly as
+  in training (`preprocess`); logits float32 (B, num_classes). With `numerics`, the
+  forward GEMMs run as in training phase `phase` (as `make_eval_step`)."""
+
+  def predict(params, model_state, images):
+    x = preprocess(images, spec)
+    with _numerics(numerics, phase, jax.random.PRNGKey(0x7FFFFFFF)):
+      return model.apply({"params": params, **model_state}, x, train=False)
+
+  return predict

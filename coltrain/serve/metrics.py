@@ -1,0 +1,82 @@
+"""Prometheus metrics of one server (its own registry, so servers never share counters).
+
+Exposed at `/metrics` in the Prometheus text format. Names (all prefixed `coltrain_`):
+  requests_total{code}            HTTP inference responses by status code
+  request_seconds                 server-side latency of served requests (arrival->result)
+  queue_seconds, compute_seconds  per request: time queued; per batch: device time
+  batch_images                    images per inference batch (before bucket padding)
+  shed_total{reason}              requests refused by admission control
+  deadline_miss_total             served requests that finished after their deadline
+  inference_busy_seconds_total{replica}, train_busy_seconds_total   device time by kind
+  train_steps_total, train_samples_total, train_chunks_total, train_failures_total
+  model_version, train_loss, slo_seconds   gauges
+"""
+
+from __future__ import annotations
+
+import prometheus_client as prom
+
+_LAT = (.0005, .001, .002, .003, .005, .0075, .01, .015, .02, .03, .05, .075, .1, .25, .5,
+        1.0, 2.5)
+
+
+class ServeMetrics:
+  """The metric objects; `render()` is the /metrics payload."""
+
+  def __init__(self):
+    r = self.registry = prom.CollectorRegistry()
+    self.requests = prom.Counter("coltrain_requests", "Inference responses by HTTP code",
+                                 ["code"], registry=r)
+    self.request_seconds = prom.Histogram("coltrain_request_seconds",
+                                          "Server-side latency of served requests",
+                                          buckets=_LAT, registry=r)
+    self.queue_seconds = prom.Histogram("coltrain_queue_seconds",
+                                        "Time a request waited in the queue",
+                                        buckets=_LAT, registry=r)
+    self.compute_seconds = prom.Histogram("coltrain_compute_seconds",
+                                          "Device time of one inference batch",
+                                          buckets=_LAT, registry=r)
+    self.batch_images = prom.Histogram("coltrain_batch_images", "Images per inference batch",
+                                       buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+                                       registry=r)
+    self.shed = prom.Counter("coltrain_shed", "Requests refused by admission control",
+                             ["reason"], registry=r)
+    self.deadline_miss = prom.Counter("coltrain_deadline_miss",
+                                      "Served requests finished after their deadline",
+                                      registry=r)
+    self.inference_busy = prom.Counter("coltrain_inference_busy_seconds",
+                                       "Device seconds spent on inference", ["replica"],
+                                       registry=r)
+    self.train_busy = prom.Counter("coltrain_train_busy_seconds",
+                                   "Device seconds spent on training chunks", registry=r)
+    self.train_steps = prom.Counter("coltrain_train_steps", "Optimizer steps trained",
+                                    registry=r)
+    self.train_samples = prom.Counter("coltrain_train_samples", "Training samples processed",
+                                      registry=r)
+    self.train_chunks = prom.Counter("coltrain_train_chunks", "Training chunks run",
+                                     registry=r)
+    self.train_failures = prom.Counter("coltrain_train_failures",
+                                       "Training failures (serving continued)", registry=r)
+    self.model_version = prom.Gauge("coltrain_model_version",
+                                    "Optimizer step of the weights being served", registry=r)
+    self.train_loss = prom.Gauge("coltrain_train_loss", "Last training micro-batch loss",
+                                 registry=r)
+    self.slo_seconds = prom.Gauge("coltrain_slo_seconds", "The latency objective",
+                                  registry=r)
+
+  def render(self) -> bytes:
+    return prom.generate_latest(self.registry)
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+  """Prometheus text -> {'name{labels}': value} (samples only; for clients and tests)."""
+  out = {}
+  for line in text.splitlines():
+    if not line or line.startswith("#"):
+      continue
+    name, _, value = line.rpartition(" ")
+    try:
+      out[name] = float(value)
+    except ValueError:
+      continue
+  return out

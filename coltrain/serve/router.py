@@ -1,0 +1,81 @@
+"""Admission control and least-expected-completion-time routing over the replicas.
+
+`Router.submit` gives each request a deadline (its own `deadline_ms`, else the SLO,
+counted from its arrival), asks every replica when the request would complete there
+(`DeviceScheduler.expected_completion`: current work, queued work and the new batch, all
+from online timings, including a training chunk in progress) and queues it on the
+replica that finishes it first. If even that replica would miss the deadline (minus the
+safety margin), or every queue is at its cap, the request is shed: `Shed` carries the
+reason and a Retry-After hint, and the HTTP layer answers 503 instead of letting the
+queue grow. A request that would start at once on an idle replica is never shed (there
+is no backlog to avoid, and serving it keeps the online timings fresh).
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from typing import Optional, Sequence
+
+import numpy as np
+
+from coltrain.serve.metrics import ServeMetrics
+from coltrain.serve.scheduler import DeviceScheduler, Pending, clock
+
+
+class Shed(Exception):
+  """The request was refused by admission control (HTTP 503 + Retry-After)."""
+
+  def __init__(self, reason: str, retry_after_s: float, message: str):
+    super().__init__(message)
+    self.reason = reason
+    self.retry_after_s = retry_after_s
+
+
+class Router:
+  """Routes admitted requests to the replica with the least expected completion time."""
+
+  def __init__(self, schedulers: Sequence[DeviceScheduler], metrics: ServeMetrics,
+               slo_s: float, margin_s: float):
+    if not schedulers:
+      raise ValueError("a router needs at least one replica")
+    self.schedulers = list(schedulers)
+    self.metrics = metrics
+    self.slo_s = slo_s
+    self.margin_s = margin_s
+    self._lock = threading.Lock()
+
+  def submit(self, images: np.ndarray, *, arrival: Optional[float] = None,
+             deadline_ms: Optional[float] = None) -> Pending:
+    """Admits and queues `images` (n, H, W, C) float32, or raises `Shed`."""
+    now = clock()
+    arrival = now if arrival is None else arrival
+    budget = self.slo_s if deadline_ms is None else deadline_ms / 1e3
+    deadline = arrival + budget
+    n = int(images.shape[0])
+    with self._lock:
+      best, best_t = None, math.inf
+      for s in self.schedulers:
+        if s.queue_full():
+          continue
+        t = s.expected_completion(n, now)
+        if t < best_t:
+          best, best_t = s, t
+      if best is None:
+        self.metrics.shed.labels(reason="queue_full").inc()
+        raise Shed("queue_full", 1.0, "every replica's queue is full; retry later")
+      if best_t > deadline - self.margin_s and not best.idle(now):
+        self.metrics.shed.labels(reason="deadline").inc()
+        late = best_t - (deadline - self.margin_s)
+        raise Shed("deadline", max(late, best_t - now),
+                   f"overloaded: predicted completion in {1e3 * (best_t - arrival):.1f} ms "
+                   f"misses the {1e3 * budget:.1f} ms deadline; retry later")
+      p = Pending(images=images, arrival=arrival, deadline=deadline)
+      best.submit(p)
+    return p
+
+  def publish(self, weights) -> None:
+    """Serves `weights` on every replica from its next batch on."""
+    for s in self.schedulers:
+      s.set_weights(weights)
+    self.metrics.model_version.set(weights.version)

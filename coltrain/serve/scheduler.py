@@ -1,0 +1,286 @@
+"""One scheduler thread per device: inference first, training in the idle cycles.
+
+`DeviceScheduler` is the only thread that runs work on its device. Its loop:
+
+1. **Inference first.** While requests are queued it forms a batch (FIFO, whole
+   requests, at most `max_batch` images): it waits for a fuller batch only while the
+   oldest request has waited less than `max_queue_delay` and the earliest deadline still
+   leaves room for the predicted batch time; then it runs the batch (padded to its
+   power-of-two bucket) on the current weights and completes the requests.
+2. **Training in the slack.** With nothing queued, it runs one training chunk (see
+   `ChunkTrainer`) only if the chunk's predicted time fits the slack: a request that
+   arrives just after the chunk starts waits for it, so the chunk plus the predicted time
+   of the batch that will have formed meanwhile (from the measured arrival rate) plus the
+   safety margin must fit in the SLO (and in `max_chunk`, if set). Chunk and batch times
+   are measured online (`OnlineTimer`).
+3. Otherwise it sleeps until a request arrives.
+
+`expected_completion(n, now)` predicts when `n` more images would be done here (current
+work + queued work + their batch), for admission control and least-expected-completion-
+time routing (`Router`). Weights are swapped by reference (`set_weights`), never blocking.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import math
+import threading
+import time
+from typing import Optional
+
+import numpy as np
+
+from coltrain.serve.metrics import ServeMetrics
+from coltrain.serve.model import Predictor, Weights, bucket_for
+from coltrain.serve.timing import OnlineTimer
+from coltrain.serve.trainer import ChunkTrainer
+
+clock = time.perf_counter
+RATE_TAU_S = 1.0   # time constant of the arrival-rate estimate
+
+
+@dataclasses.dataclass(eq=False)
+class Pending:
+  """A request admitted to a replica; `done` is set once `result` or `error` is."""
+  images: np.ndarray
+  arrival: float
+  deadline: float
+  done: threading.Event = dataclasses.field(default_factory=threading.Event)
+  result: Optional[dict] = None
+  error: Optional[str] = None
+
+  @property
+  def n(self) -> int:
+    return int(self.images.shape[0])
+
+
+class DeviceScheduler:
+  """The owner of one device (see module docstring)."""
+
+  def __init__(self, index: int, predictor: Predictor, weights: Weights, *, slo_s: float,
+               max_queue_delay_s: float, margin_s: float, max_queue: int,
+               metrics: ServeMetrics, trainer: Optional[ChunkTrainer] = None,
+               max_chunk_s: float = 0.0):
+    self.index = index
+    self.predictor = predictor
+    self.max_batch = predictor.max_batch
+    self.weights = weights.to_device(predictor.device)
+    self.slo_s = slo_s
+    self.max_queue_delay_s = max_queue_delay_s
+    self.margin_s = margin_s
+    self.max_queue = max_queue
+    self.metrics = metrics
+    self.trainer = trainer
+    self.max_chunk_s = max_chunk_s
+    self.timer = OnlineTimer()
+    self._queue: collections.deque[Pending] = collections.deque()
+    self._queued_images = 0
+    self._cv = threading.Condition()
+    self._busy_until = 0.0
+    self._rate, self._rate_t = 0.0, clock()
+    self._stopped = False
+    self._thread: Optional[threading.Thread] = None
+    self.train_skips = 0     # idle moments when the chunk did not fit the slack
+    self._busy_metric = metrics.inference_busy.labels(replica=str(index))
+
+  # -- set-up ----------------------------------------------------------------------------
+  def warmup(self, runs: int = 7) -> dict[int, float]:
+    """Runs every bucket (and a training chunk) `runs` times and seeds the timers with
+    the median of the runs after the first two; returns median seconds per bucket."""
+    out = {}
+    shape = self.predictor.image_shape
+    for b in self.predictor.buckets:
+      x = np.zeros((b,) + shape, np.float32)
+      ts = []
+      for _ in range(runs):
+        t0 = clock()
+        self.predictor(self.weights, x)
+        ts.append(clock() - t0)
+      out[b] = float(np.median(ts[2:]))
+      self.timer.update(b, out[b])
+    if self.trainer is not None and self.trainer.active:
+      self.timer.update("chunk", float(np.median(self.trainer.warmup(runs)[2:])))
+    return out
+
+  def start(self) -> None:
+    self._thread = threading.Thread(target=self._loop, name=f"scheduler-{self.index}",
+                                    daemon=True)
+    self._thread.start()
+
+  def stop(self, timeout: float = 10.0) -> None:
+    with self._cv:
+      self._stopped = True
+      for p in self._queue:
+        p.error = "server shutting down"
+        p.done.set()
+      self._queue.clear()
+      self._cv.notify_all()
+    if self._thread is not None:
+      self._thread.join(timeout)
+
+  @property
+  def alive(self) -> bool:
+    return self._thread is not None and self._thread.is_alive()
+
+  def set_weights(self, weights: Weights) -> None:
+    """Serves `weights` from the next batch on (never waits for the current one)."""
+    self.weights = weights.to_device(self.predictor.device)
+
+  # -- predictions -----------------------------------------------------------------------
+  def batch_time(self, n: int) -> float:
+    """Predicted device time of a batch of n images (n > max_batch: several batches)."""
+    if n <= 0:
+      return 0.0
+    full, rem = divmod(n, self.max_batch)
+    t = full * self.timer.predict(self.max_batch, 0.0)
+    if rem:
+      t += self.timer.predict(bucket_for(rem, self.max_batch), 0.0)
+    return t
+
+  def arrival_rate(self, now: float) -> float:
+    """Images/s arriving here (exponentially decaying estimate)."""
+    return self._rate * math.exp(-(now - self._rate_t) / RATE_TAU_S)
+
+  def expected_completion(self, n: int, now: float) -> float:
+    """When n more images submitted now would be done (predicted)."""
+    with self._cv:
+      queued = self._queued_images
+      start = max(now, self._busy_until)
+      wait = self.max_queue_delay_s if queued + n < self.max_batch else 0.0
+    return start + wait + self.batch_time(queued + n)
+
+  def idle(self, now: float) -> bool:
+    """Nothing queued and no work predicted in progress: a request starts at once.
+    (Admission never sheds such a request: there is no backlog to avoid, and serving it
+    keeps the timing estimates fresh.)"""
+    with self._cv:
+      return not self._queue and self._busy_until <= now
+
+  def queue_full(self) -> bool:
+    return len(self._queue) >= self.max_queue
+
+  def chunk_fits(self, now: float) -> bool:
+    """Whether a training chunk fits the slack (assuming nothing is queued)."""
+    c = self.timer.predict("chunk")
+    if c is None:
+      return True
+    if self.max_chunk_s and c > self.max_chunk_s:
+      return False
+    expect = 1 + int(self.arrival_rate(now) * (c + self.max_queue_delay_s))
+    batch = self.batch_time(min(expect, self.max_batch))
+    return c + batch + self.margin_s <= self.slo_s
+
+  # -- requests --------------------------------------------------------------------------
+  def submit(self, p: Pending) -> None:
+    with self._cv:
+      self._queue.append(p)
+      self._queued_images += p.n
+      now = clock()
+      self._rate = self.arrival_rate(now) + p.n / RATE_TAU_S
+      self._rate_t = now
+      self._cv.notify()
+
+  def _batch_wait(self, now: float) -> float:
+    """Seconds to wait for a fuller batch (<= 0: run now). Called with the lock held."""
+    if self._queued_images >= self.max_batch:
+      return 0.0
+    oldest = self._queue[0]
+    earliest = min(p.deadline for p in self._queue)
+    run_by = earliest - self.batch_time(self._queued_images) - self.margin_s
+    return min(oldest.arrival + self.max_queue_delay_s, run_by) - now
+
+  def _take_batch(self) -> list[Pending]:
+    batch, n = [], 0
+    while self._queue and n + self._queue[0].n <= self.max_batch:
+      p = self._queue.popleft()
+      batch.append(p)
+      n += p.n
+    self._queued_images -= n
+    return batch
+
+  # -- the loop --------------------------------------------------------------------------
+  def _loop(self) -> None:
+    while True:
+      batch = None
+      train = False
+      with self._cv:
+        while True:
+          if self._stopped:
+            return
+          now = clock()
+          if self._queue:
+            wait = self._batch_wait(now)
+            if wait <= 0:
+              batch = self._take_batch()
+              self._busy_until = now + self.batch_time(sum(p.n for p in batch))
+              break
+            self._cv.wait(wait)
+            continue
+          if self.trainer is not None and self.trainer.active:
+            if self.chunk_fits(now):
+              train = True
+              self._busy_until = now + (self.timer.predict("chunk") or 0.0)
+              break
+            self.train_skips += 1
+            self._cv.wait(0.002)  # re-check the slack as the arrival rate decays
+            continue
+          self._cv.wait(0.1)
+      try:
+        if batch:
+          self._run_inference(batch)
+        elif train:
+          self._run_chunk()
+      except Exception as e:  # never let one bad batch kill the device loop
+        for p in batch or ():
+          if not p.done.is_set():
+            p.error = f"inference failed: {type(e).__name__}: {e}"
+            p.done.set()
+        if train and self.trainer is not None and self.trainer.failure is None:
+          self.trainer.failure = f"training chunk raised {type(e).__name__}: {e}"
+          self.metrics.train_failures.inc()
+      finally:
+        with self._cv:
+          self._busy_until = clock()
+
+  def _run_inference(self, batch: list[Pending]) -> None:
+    images = batch[0].images if len(batch) == 1 else np.concatenate([p.images for p in batch])
+    n = images.shape[0]
+    weights = self.weights
+    t0 = clock()
+    logits = self.predictor(weights, images)
+    t1 = clock()
+    dt = t1 - t0
+    self.timer.update(bucket_for(n, self.max_batch), dt)
+    m = self.metrics
+    self._busy_metric.inc(dt)
+    m.compute_seconds.observe(dt)
+    m.batch_images.observe(n)
+    i = 0
+    for p in batch:
+      m.queue_seconds.observe(t0 - p.arrival)
+      if t1 > p.deadline:
+        m.deadline_miss.inc()
+      p.result = {"logits": logits[i:i + p.n], "version": weights.version,
+                  "queue_ms": (t0 - p.arrival) * 1e3, "compute_ms": dt * 1e3,
+                  "replica": self.index, "batch_size": n}
+      i += p.n
+      p.done.set()
+
+  def _run_chunk(self) -> None:
+    tr = self.trainer
+    steps_before, failed_before = tr.opt_steps, tr.failure is not None
+    t0 = clock()
+    samples = tr.run_chunk()
+    dt = clock() - t0
+    if samples:
+      self.timer.update("chunk", dt)
+    m = self.metrics
+    m.train_busy.inc(dt)
+    m.train_chunks.inc()
+    m.train_samples.inc(samples)
+    m.train_steps.inc(tr.opt_steps - steps_before)
+    if tr.last_loss == tr.last_loss:
+      m.train_loss.set(tr.last_loss)
+    if tr.failure is not None and not failed_before:
+      m.train_failures.inc()

@@ -1,0 +1,56 @@
+"""Online estimates of how long a piece of device work takes.
+
+`OnlineTimer` keeps, per key (a batch-size bucket, "chunk"), an exponentially weighted
+mean and mean absolute deviation of measured durations; `predict(key)` is the
+conservative estimate mean + `k_dev` x deviation used for deadline and slack decisions. A sample is clipped
+to mean + `cap_devs` x max(deviation, 10% of mean) before it is averaged in.
+Thread-safe for one writer and many readers (each update replaces a tuple).
+"""
+
+from __future__ import annotations
+
+from typing import Hashable, Optional
+
+
+class OnlineTimer:
+  """EWMA duration estimates (seconds) per key."""
+
+  def __init__(self, alpha: float = 0.1, k_dev: float = 2.0, cap_devs: float = 4.0):
+    if not 0 < alpha <= 1:
+      raise ValueError(f"alpha must be in (0, 1], got {alpha}")
+    self.alpha = alpha
+    self.k_dev = k_dev
+    self.cap_devs = cap_devs
+    self._stats: dict[Hashable, tuple[float, float, int]] = {}
+
+  def update(self, key: Hashable, seconds: float) -> None:
+    """Records one measured duration of `key`."""
+    if seconds < 0:
+      raise ValueError(f"a duration must be >= 0, got {seconds}")
+    old = self._stats.get(key)
+    if old is None:
+      self._stats[key] = (seconds, seconds / 4, 1)  # unknown spread: assume 25%
+      return
+    mean, dev, n = old
+    # Winsorize: one outlier (a preempted thread, a page fault) moves the estimate by at
+    # most alpha x (cap - mean), so a stall cannot freeze decisions that would need new
+    # samples to recover; a lasting slowdown still raises the estimate geometrically.
+    seconds = min(seconds, mean + self.cap_devs * max(dev, 0.1 * mean))
+    a = self.alpha
+    self._stats[key] = ((1 - a) * mean + a * seconds,
+                        (1 - a) * dev + a * abs(seconds - mean), n + 1)
+
+  def mean(self, key: Hashable) -> Optional[float]:
+    s = self._stats.get(key)
+    return None if s is None else s[0]
+
+  def count(self, key: Hashable) -> int:
+    s = self._stats.get(key)
+    return 0 if s is None else s[2]
+
+  def predict(self, key: Hashable, default: Optional[float] = None) -> Optional[float]:
+    """Conservative estimate (mean + k_dev x deviation), or `default` if never seen."""
+    s = self._stats.get(key)
+    if s is None:
+      return default
+    return s[0] + self.k_dev * s[1]

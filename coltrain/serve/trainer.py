@@ -1,0 +1,156 @@
+"""Training in bounded chunks, with the same building blocks as `launch.train`.
+
+`ChunkTrainer` trains the served model with `coltrain.train.make_train_step` (the same
+pure step `train_and_evaluate` jits) over micro-batches: the optimizer is wrapped in
+`optax.MultiSteps`, so `batch_size / micro_batch_size` consecutive micro-batches
+accumulate their gradients into one optimizer step. The micro-batch stream is
+`coltrain.data.train_batches` cut at `micro_batch_size`, so consecutive micro-batches
+together are exactly the global batches `launch.train` would see, and an optimizer step
+equals a `launch.train` step up to float summation order (tested). Precision policies
+(`numerics.policy`) apply as in `launch.train`; every phase's step is compiled up front.
+
+`run_chunk()` runs `chunk_steps` micro-batches and blocks until they are done. Every
+`publish_every` optimizer steps the new weights are handed to `publish` (a copy: the
+train state's buffers are donated). A non-finite loss or non-finite weights stop training
+for good (`failure` says why); the last published (good) weights keep serving.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from coltrain.data import DatasetSpec, train_batches
+from coltrain.numerics.policy import ResolvedPolicy
+from coltrain.serve.model import Weights
+from coltrain.train.optim import make_optimizer
+from coltrain.train.state import create_train_state
+from coltrain.train.step import make_train_step
+
+
+class ChunkTrainer:
+  """Owns the train state; only its scheduler thread calls `run_chunk`."""
+
+  def __init__(self, config: ml_collections.ConfigDict, model, spec: DatasetSpec,
+               train_source, numerics: Optional[ResolvedPolicy], device,
+               publish: Callable[[Weights], None]):
+    self.micro_batch = config.serve.micro_batch_size
+    self.accumulate = config.batch_size // self.micro_batch
+    self.chunk_steps = config.serve.chunk_steps
+    self.publish_every = config.serve.publish_every
+    self.total_steps = config.steps
+    self.numerics = numerics
+    self._publish = publish
+    tx, schedule = make_optimizer(config.optimizer, config.steps)
+    k = self.accumulate
+    self.tx = optax.MultiSteps(tx, every_k_schedule=k)
+    state = create_train_state(model, self.tx, config.seed, (1,) + spec.image_shape)
+    if numerics is not None:  # weights live in the storage format from the start
+      state = state.replace(params=numerics.store(state.params, 0))
+    self.state = jax.device_put(state, device)
+    self.device = device
+    self.image_shape = tuple(spec.image_shape)
+    self._batches = train_batches(train_source, global_batch_size=self.micro_batch,
+                                  seed=config.seed)
+    self._next = next(self._batches)  # start the pipeline now, not in the first chunk
+    batch = {"image": jax.ShapeDtypeStruct((self.micro_batch,) + spec.image_shape, np.uint8),
+             "label": jax.ShapeDtypeStruct((self.micro_batch,), np.int32)}
+    num_phases = numerics.num_phases if numerics is not None else 1
+    self._steps = {}
+    for phase in range(num_phases):  # the learning-rate metric counts optimizer steps
+      fn = make_train_step(model, self.tx, lambda s: schedule(s // k), spec, numerics, phase)
+      self._steps[phase] = jax.jit(fn, donate_argnums=0).lower(self.state, batch).compile()
+    self.micro_steps = 0          # micro-batches trained
+    self.samples = 0
+    self.published_version = 0    # optimizer step of the last published weights
+    self.failure: Optional[str] = None
+    self.enabled = True           # paused when False (admin switch)
+    self.last_loss = float("nan")
+
+  # -- state ---------------------------------------------------------------------------
+  @property
+  def opt_steps(self) -> int:
+    """Optimizer steps completed."""
+    return self.micro_steps // self.accumulate
+
+  @property
+  def finished(self) -> bool:
+    return self.opt_steps >= self.total_steps
+
+  @property
+  def active(self) -> bool:
+    """Whether `run_chunk` would train (enabled, not failed, not finished)."""
+    return self.enabled and self.failure is None and not self.finished
+
+  def phase_at(self, opt_step: int) -> int:
+    if self.numerics is None:
+      return 0
+    return self.numerics.phase_at(min(opt_step, self.total_steps - 1), self.total_steps)
+
+  def weights(self) -> Weights:
+    """A copy of the current weights (fresh buffers on the trainer's device)."""
+    phase = self.phase_at(max(self.opt_steps - 1, 0))
+    return Weights(self.opt_steps, self.state.params, self.state.model_state,
+                   phase).to_device(self.device)
+
+  # -- work ----------------------------------------------------------------------------
+  def warmup(self, runs: int = 3) -> list[float]:
+    """Times `runs` chunks on a throwaway copy of the state (the real state and data
+    stream are untouched); returns the durations in seconds."""
+    times = []
+    batch = {"image": np.zeros((self.micro_batch,) + self.image_shape, np.uint8),
+             "label": np.zeros((self.micro_batch,), np.int32)}
+    scratch = jax.tree.map(jnp.copy, self.state)
+    fn = self._steps[self.phase_at(self.opt_steps)]
+    for _ in range(runs):
+      t0 = time.perf_counter()
+      for _ in range(self.chunk_steps):
+        scratch, m = fn(scratch, batch)
+      jax.block_until_ready(m["loss"])
+      times.append(time.perf_counter() - t0)
+    return times
+
+  def run_chunk(self) -> int:
+    """Trains up to `chunk_steps` micro-batches (fewer at the end of the run), blocking
+    until done; returns the samples trained (0 if not active)."""
+    if not self.active:
+      return 0
+    n = min(self.chunk_steps, self.total_steps * self.accumulate - self.micro_steps)
+    losses = []
+    for _ in range(n):
+      fn = self._steps[self.phase_at(self.opt_steps)]
+      self.state, metrics = fn(self.state, self._next)  # dispatched asynchronously:
+      self._next = next(self._batches)                  # fetch the next batch meanwhile
+      losses.append(metrics["loss"])
+      self.micro_steps += 1
+    losses = [float(x) for x in jax.device_get(losses)]
+    self.samples += n * self.micro_batch
+    bad = [x for x in losses if not math.isfinite(x)]
+    if bad:
+      self.failure = (f"non-finite training loss {bad[0]} at optimizer step {self.opt_steps}"
+                      f" (micro-batch {self.micro_steps}); training stopped, serving "
+                      f"continues on version {self.published_version}")
+      return n * self.micro_batch
+    self.last_loss = losses[-1]
+    if (self.opt_steps - self.published_version >= self.publish_every
+        or (self.finished and self.opt_steps > self.published_version)):
+      self._try_publish()
+    return n * self.micro_batch
+
+  def _try_publish(self) -> None:
+    finite = jax.tree.reduce(lambda a, b: a & b, jax.tree.map(
+        lambda x: jnp.all(jnp.isfinite(x)), self.state.params), jnp.bool_(True))
+    if not bool(finite):
+      self.failure = (f"non-finite weights at optimizer step {self.opt_steps}; training "
+                      f"stopped, serving continues on version {self.published_version}")
+      return
+    w = self.weights()
+    self.published_version = w.version
+    self._publish(w)

@@ -1,0 +1,478 @@
+"""Co-location benchmark: inference only, training only, naive co-location, coltrain.
+
+  python -m launch.colocate_bench [--quick] --out results/colocate/results.json
+
+Configurations, all on this machine, all servers and load generators separate
+processes on 127.0.0.1:
+  (A) inference only      server S with its training paused
+  (B) training only       server S training, no requests
+  (C) naive co-location   S serving with its training paused + an independent training
+                          process T (the same trainer, its own process) training at once
+  (D) coltrain            S serving and training in its idle cycles (one scheduler)
+S and T are `launch.serve` processes (`configs/serve.py`); configurations are switched
+with the `/coltrain/training` pause/resume endpoint, so A, C and D share one warmed-up
+server and are measured round-robin at every load (the order rotates), which keeps slow
+drifts of a shared machine from favouring one of them.
+
+Steps: (1) SLO = 5 x the median latency of sequential batch-1 requests to a fresh
+inference-only server (unless --slo_ms); (2) capacity = the best goodput (requests/s
+served within the SLO) of a closed loop at 1, 2, 4 or 8 concurrent clients on (A);
+(3) B's training samples/s; (4) for each rho in {0.1, 0.3, 0.5, 0.7, 0.9}: open-loop
+Poisson load at rho x capacity on A, C and D (and bursty Gamma CV 2 load on A and D);
+(5) overload at rho = 1.5 on D; (6) 1,000 malformed requests, then a health check and a
+valid request. Training throughput is the servers' `coltrain_train_samples_total` rate
+over the exact arrival window of each run (sampled 5 times a second); U (inference busy
+fraction) is `coltrain_inference_busy_seconds_total`'s rate in A.
+
+Writes --out (raw points, `summary`, conditions incl. load averages), a markdown table
+(`results.md`) and a plot (`colocate.png`) next to it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from typing import Optional
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RHOS = (0.1, 0.3, 0.5, 0.7, 0.9)
+OVERLOAD_RHO = 1.5
+
+
+def log(msg: str) -> None:
+  print(f"colocate_bench: {msg}", file=sys.stderr, flush=True)
+
+
+# -- processes -------------------------------------------------------------------------
+class ServeProcess:
+  """A `launch.serve` subprocess; `stop()` terminates it (SIGKILL after a grace)."""
+
+  def __init__(self, name: str, workdir: str, overrides: list[str], timeout: float = 300):
+    self.name = name
+    port_file = os.path.join(workdir, f"{name}.port")
+    self.log_path = os.path.join(workdir, f"{name}.log")
+    self._log = open(self.log_path, "w")
+    self.proc = subprocess.Popen(
+        [sys.executable, "-m", "launch.serve", "--config", "configs/serve.py",
+         f"--port_file={port_file}", *overrides],
+        cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT)
+    self.port_file = port_file
+    self.timeout = timeout
+    self.url: Optional[str] = None
+
+  def wait_ready(self) -> "ServeProcess":
+    deadline = time.time() + self.timeout
+    while not os.path.exists(self.port_file):
+      if self.proc.poll() is not None:
+        raise RuntimeError(f"server {self.name} exited ({self.proc.returncode}); see "
+                           f"{self.log_path}:\n{open(self.log_path).read()[-3000:]}")
+      if time.time() > deadline:
+        raise TimeoutError(f"server {self.name} not ready after {self.timeout} s")
+      time.sleep(0.2)
+    self.url = f"http://127.0.0.1:{open(self.port_file).read().strip()}"
+    return self
+
+  def get(self, path: str) -> bytes:
+    with urllib.request.urlopen(self.url + path, timeout=30) as r:
+      return r.read()
+
+  def post(self, path: str, obj) -> dict:
+    req = urllib.request.Request(self.url + path, data=json.dumps(obj).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+      return json.loads(r.read())
+
+  def training(self, enabled: bool) -> None:
+    self.post("/coltrain/training", {"enabled": enabled})
+
+  def metrics(self) -> dict[str, float]:
+    from coltrain.serve.metrics import parse_metrics
+    return parse_metrics(self.get("/metrics").decode())
+
+  def stop(self) -> None:
+    if self.proc.poll() is None:
+      self.proc.send_signal(signal.SIGTERM)
+      try:
+        self.proc.wait(20)
+      except subprocess.TimeoutExpired:
+        self.proc.kill()
+        self.proc.wait(10)
+    self._log.close()
+
+
+def run_loadgen(url: str, args: list[str], timeout: float) -> dict:
+  """Runs `launch.loadgen` as its own process; returns its JSON summary."""
+  cmd = [sys.executable, "-m", "launch.loadgen", "--url", url, *args]
+  try:
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+  except subprocess.TimeoutExpired as e:
+    raise RuntimeError(f"loadgen timed out: {' '.join(cmd)}") from e
+  if out.returncode != 0:
+    raise RuntimeError(f"loadgen failed ({out.returncode}): {out.stderr[-2000:]}")
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+class Poller:
+  """Samples counters of several servers 5 times a second: (unix time, {key: value})."""
+  KEYS = ("coltrain_train_samples_total", 'coltrain_inference_busy_seconds_total{replica="0"}',
+          "coltrain_train_busy_seconds_total", "coltrain_train_steps_total")
+
+  def __init__(self, servers: dict[str, ServeProcess], period: float = 0.2):
+    self.servers, self.period = servers, period
+    self.samples: list[tuple[float, dict]] = []
+    self._stop = threading.Event()
+    self._thread = threading.Thread(target=self._run, daemon=True)
+
+  def _run(self):
+    while not self._stop.is_set():
+      row = {}
+      for name, s in self.servers.items():
+        try:
+          m = s.metrics()
+        except (OSError, urllib.error.URLError):
+          continue
+        for k in self.KEYS:
+          row[f"{name}:{k}"] = m.get(k, 0.0)
+      self.samples.append((time.time(), row))
+      self._stop.wait(self.period)
+
+  def start(self):
+    self._thread.start()
+    return self
+
+  def stop(self):
+    self._stop.set()
+    self._thread.join(10)
+
+  def rate(self, key: str, t0: float, t1: float) -> Optional[float]:
+    """Rate of counter `key` (per second) between the samples nearest inside [t0, t1]."""
+    inside = [(t, r[key]) for t, r in self.samples if t0 <= t <= t1 and key in r]
+    if len(inside) < 2 or inside[-1][0] <= inside[0][0]:
+      return None
+    return (inside[-1][1] - inside[0][1]) / (inside[-1][0] - inside[0][0])
+
+
+# -- the benchmark ---------------------------------------------------------------------
+def write_images(path: str) -> None:
+  from coltrain.data.mnist5k import load_arrays
+  images, labels = load_arrays()["test"]
+  np.savez(path, images=images, labels=labels)
+
+
+def malformed_bodies(n: int, seed: int = 0) -> list[tuple[str, bytes]]:
+  """n malformed inference requests (path, body) of many kinds."""
+  rng = np.random.default_rng(seed)
+  good = {"name": "images", "shape": [1, 28, 28, 1], "datatype": "FP32", "data": [0.0] * 784}
+
+  def req(**t):
+    return json.dumps({"inputs": [{**good, **t}]}).encode()
+
+  kinds = [
+      b"", b"{", b"not json", b"[]", b"null", b'{"inputs": 3}', b'{"inputs": []}',
+      json.dumps({"inputs": [good, good]}).encode(), req(datatype="BYTES"),
+      req(shape=[1, 28, 28]), req(shape=[0, 28, 28, 1]), req(shape=[1000, 28, 28, 1]),
+      req(shape="1,28,28,1"), req(data=[0.0] * 783), req(data="abc"), req(data=[[0.0]] * 784),
+      req(data=["x"] * 784), req(datatype="UINT8", data=[300] * 784),
+      b'{"inputs": [{"name": "images", "shape": [1, 28, 28, 1], "datatype": "FP32", '
+      b'"data": [NaN' + b", 0" * 783 + b"]}]}",
+      json.dumps({"inputs": [good], "parameters": {"deadline_ms": -5}}).encode(),
+      json.dumps({"inputs": [good], "id": 7}).encode(), b"\xff\xfe\x00garbage",
+      b"[" * 100000,
+  ]
+  out = []
+  for i in range(n):
+    k = kinds[i % len(kinds)]
+    if i % 7 == 6:  # random bytes too
+      k = rng.integers(0, 256, int(rng.integers(1, 200)), dtype=np.uint8).tobytes()
+    out.append(("/v2/models/lenet/infer", k))
+  return out
+
+
+def malformed_check(server: ServeProcess, n: int) -> dict:
+  import http.client
+  host, port = server.url[len("http://"):].split(":")
+  codes: dict[str, int] = {}
+  conn = http.client.HTTPConnection(host, int(port), timeout=30)
+  for path, body in malformed_bodies(n):
+    try:
+      conn.request("POST", path, body, {"Content-Type": "application/json"})
+      resp = conn.getresponse()
+      resp.read()
+      codes[str(resp.status)] = codes.get(str(resp.status), 0) + 1
+      if resp.will_close:
+        conn.close()
+        conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    except (http.client.HTTPException, OSError) as e:
+      codes[type(e).__name__] = codes.get(type(e).__name__, 0) + 1
+      conn.close()
+      conn = http.client.HTTPConnection(host, int(port), timeout=30)
+  conn.close()
+  ready = json.loads(server.get("/v2/health/ready"))["ready"]
+  good = json.dumps({"inputs": [{"name": "images", "shape": [1, 28, 28, 1],
+                                 "datatype": "FP32", "data": [0.0] * 784}]}).encode()
+  req = urllib.request.Request(server.url + "/v2/models/lenet/infer", data=good)
+  with urllib.request.urlopen(req, timeout=30) as r:
+    valid_ok = r.status == 200 and "outputs" in json.loads(r.read())
+  return {"requests": n, "codes": codes, "ready_after": ready, "valid_request_after": valid_ok,
+          "server_alive": server.proc.poll() is None}
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--quick", action="store_true", help="short runs (under 10 minutes)")
+  p.add_argument("--out", required=True, help="results.json path")
+  p.add_argument("--slo_ms", type=float, help="SLO (default 5 x batch-1 median latency)")
+  p.add_argument("--duration", type=float, help="seconds per load point")
+  p.add_argument("--rhos", default=",".join(map(str, RHOS)))
+  p.add_argument("--serve_override", action="append", default=[],
+                 help="extra --config.KEY=VALUE for both servers (repeatable)")
+  p.add_argument("--seed", type=int, default=0)
+  a = p.parse_args(argv)
+  rhos = [float(r) for r in a.rhos.split(",")]
+  if any(r <= 0 for r in rhos):
+    p.error("--rhos must be positive")
+  duration = a.duration or (10.0 if a.quick else 30.0)
+  out_dir = os.path.dirname(os.path.abspath(a.out))
+  os.makedirs(out_dir, exist_ok=True)
+  t_begin = time.time()
+  work = tempfile.mkdtemp(prefix="colocate_")
+  images = os.path.join(work, "mnist_test.npz")
+  write_images(images)
+  common = ["--config.serve.model_name=lenet", *a.serve_override]
+  lg_common = ["--model", "lenet", "--images", images]
+  procs: list[ServeProcess] = []
+  loadavg: list[tuple[str, list[float]]] = []
+
+  def note_load(tag: str):
+    loadavg.append((tag, [round(x, 2) for x in os.getloadavg()]))
+
+  results: dict = {"conditions": {}, "points": []}
+  try:
+    # (1) SLO
+    slo_ms = a.slo_ms
+    if slo_ms is None:
+      probe = ServeProcess("probe", work, common + ["--config.serve.train=False",
+                                                    "--config.serve.slo_ms=10000"])
+      procs.append(probe)
+      probe.wait_ready()
+      seq = run_loadgen(probe.url, lg_common + ["--mode", "sequential", "--requests", "500"],
+                        120)
+      probe.stop()
+      slo_ms = 5.0 * seq["latency_ms"]["p50"]
+      results["batch1"] = seq
+      log(f"batch-1 median {seq['latency_ms']['p50']:.3f} ms -> SLO {slo_ms:.2f} ms")
+    results["slo_ms"] = slo_ms
+    srv = [f"--config.serve.slo_ms={slo_ms}"] + common
+    S = ServeProcess("S", work, srv)
+    T = ServeProcess("T", work, srv)
+    procs += [S, T]
+    S.wait_ready()
+    T.wait_ready()
+    S.training(False)
+    T.training(False)
+    poll = Poller({"S": S, "T": T}).start()
+    note_load("start")
+
+    # (2) capacity on A
+    cap = []
+    for c in (1, 2, 4, 8):
+      r = run_loadgen(S.url, lg_common + ["--mode", "closed", "--concurrency", str(c),
+                                          "--duration", str(3 if a.quick else 6),
+                                          "--slo_ms", str(slo_ms)], 120)
+      good = r["throughput_rps"] * r.get("slo_attainment_admitted", 0.0)
+      cap.append({"concurrency": c, "throughput_rps": r["throughput_rps"], "goodput_rps": good,
+                  "latency_ms": r.get("latency_ms"), "codes": r["codes"]})
+      log(f"closed loop x{c}: {r['throughput_rps']:.0f} req/s, goodput {good:.0f}")
+    capacity = max(x["goodput_rps"] for x in cap)
+    results["capacity"] = {"rps": capacity, "closed_loop": cap}
+    log(f"capacity {capacity:.0f} req/s")
+
+    # (3) B: training only
+    S.training(True)
+    time.sleep(1.0)
+    t0 = time.time()
+    time.sleep(duration)
+    t1 = time.time()
+    S.training(False)
+    b_sps = poll.rate("S:coltrain_train_samples_total", t0, t1)
+    results["B"] = {"train_samples_per_s": b_sps, "window_s": t1 - t0}
+    note_load("B")
+    log(f"B: {b_sps:.0f} training samples/s")
+    time.sleep(0.5)
+
+    def point(cfg: str, rho: float, arrival: str) -> dict:
+      S.training(cfg == "D")
+      T.training(cfg == "C")
+      time.sleep(0.5)
+      r = run_loadgen(S.url, lg_common + [
+          "--mode", "open", "--rate", str(rho * capacity), "--arrival", arrival,
+          "--duration", str(duration), "--slo_ms", str(slo_ms), "--seed", str(a.seed)],
+          duration + 180)
+      S.training(False)
+      T.training(False)
+      w0, w1 = r["window_unix"]
+      time.sleep(0.3)
+      rec = {"config": cfg, "rho": rho, "arrival": arrival, "rate_rps": rho * capacity,
+             "loadavg_1m": round(os.getloadavg()[0], 2), **r}
+      rec["inference_busy_fraction"] = poll.rate(
+          'S:coltrain_inference_busy_seconds_total{replica="0"}', w0, w1)
+      who = {"C": "T", "D": "S"}.get(cfg)
+      rec["train_samples_per_s"] = (poll.rate(f"{who}:coltrain_train_samples_total", w0, w1)
+                                    if who else 0.0)
+      rec.pop("args", None)
+      lat = r.get("latency_ms", {})
+      log(f"{cfg} rho={rho} {arrival}: p50 {lat.get('p50', float('nan')):.2f} p99 "
+          f"{lat.get('p99', float('nan')):.2f} ms, SLO att {r.get('slo_attainment', 0):.4f}, "
+          f"shed {r['shed_fraction']:.3f}, train {rec['train_samples_per_s'] or 0:.0f}/s, "
+          f"U {rec['inference_busy_fraction'] or 0:.3f}, load {rec['loadavg_1m']}")
+      return rec
+
+    # (4) the load sweep, round-robin over A, C, D with a rotating order
+    orders = (("A", "C", "D"), ("C", "D", "A"), ("D", "A", "C"))
+    for i, rho in enumerate(rhos):
+      for cfg in orders[i % 3]:
+        results["points"].append(point(cfg, rho, "poisson"))
+      if not a.quick or rho == 0.5:
+        for cfg in ("A", "D") if i % 2 == 0 else ("D", "A"):
+          results["points"].append(point(cfg, rho, "gamma"))
+      note_load(f"rho={rho}")
+
+    # (5) overload
+    results["overload"] = [point("D", OVERLOAD_RHO, "poisson"),
+                           point("A", OVERLOAD_RHO, "poisson")]
+    # (6) malformed requests
+    results["malformed"] = malformed_check(S, 1000)
+    log(f"malformed: {results['malformed']}")
+    results["training_status"] = {"S": json.loads(S.get("/coltrain/training")),
+                                  "T": json.loads(T.get("/coltrain/training"))}
+    poll.stop()
+  finally:
+    for pr in procs:
+      pr.stop()
+
+  results["summary"] = summarize(results)
+  results["conditions"] = {
+      "quick": a.quick, "duration_s": duration, "rhos": rhos, "cpus": os.cpu_count(),
+      "loadavg": loadavg, "wall_s": round(time.time() - t_begin, 1),
+      "serve_overrides": common, "note": "2-core CPU machine shared with other jobs; "
+      "one process = server (HTTP + scheduler + XLA), another = load generator"}
+  with open(a.out, "w") as f:
+    json.dump(results, f, indent=1)
+  write_table(results, os.path.join(out_dir, "results.md"))
+  plot(results, os.path.join(out_dir, "colocate.png"))
+  log(f"wrote {a.out} in {time.time() - t_begin:.0f} s")
+  return 0
+
+
+def _get(points, cfg, rho, arrival="poisson"):
+  for p in points:
+    if p["config"] == cfg and p["rho"] == rho and p["arrival"] == arrival:
+      return p
+  return None
+
+
+def summarize(results: dict) -> list[dict]:
+  """Per rho and arrival process, for C and D: slo_attainment, p99_inflation (p99 / p99
+  of A), retention (training samples/s / B's), harvest_efficiency (retention / (1 - U),
+  U = inference busy fraction in A)."""
+  b = results["B"]["train_samples_per_s"] or float("nan")
+  out = []
+  pts = results["points"]
+  keys = sorted({(p["rho"], p["arrival"]) for p in pts}, key=lambda k: (k[1] != "poisson", k))
+  for rho, arrival in keys:
+    a = _get(pts, "A", rho, arrival)
+    if a is None:
+      continue
+    u = a.get("inference_busy_fraction") or 0.0
+    a_p99 = a.get("latency_ms", {}).get("p99", float("nan"))
+    for cfg in ("D", "C"):
+      x = _get(pts, cfg, rho, arrival)
+      if x is None:
+        continue
+      retention = (x["train_samples_per_s"] or 0.0) / b
+      out.append({
+          "config": cfg, "rho": rho, "arrival": arrival,
+          "slo_attainment": x.get("slo_attainment"),
+          "p99_ms": x.get("latency_ms", {}).get("p99"), "p99_A_ms": a_p99,
+          "p99_inflation": x.get("latency_ms", {}).get("p99", float("nan")) / a_p99,
+          "retention": retention, "U": u,
+          "harvest_efficiency": retention / (1.0 - u) if u < 1 else float("nan"),
+          "slo_attainment_A": a.get("slo_attainment"),
+          "shed_fraction": x.get("shed_fraction")})
+  return out
+
+
+def write_table(results: dict, path: str) -> None:
+  lines = [f"SLO {results['slo_ms']:.2f} ms; capacity {results['capacity']['rps']:.0f} req/s; "
+           f"B (training only) {results['B']['train_samples_per_s']:.0f} samples/s", "",
+           "| arrival | rho | config | SLO attainment | p99 (ms) | p99 of A (ms) | p99 inflation"
+           " | retention | U (A) | harvest efficiency | A's SLO attainment |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+  for s in results["summary"]:
+    lines.append(
+        f"| {s['arrival']} | {s['rho']} | {s['config']} | {s['slo_attainment']:.4f} | "
+        f"{s['p99_ms']:.2f} | {s['p99_A_ms']:.2f} | {s['p99_inflation']:.2f} | "
+        f"{s['retention']:.3f} | {s['U']:.3f} | {s['harvest_efficiency']:.3f} | "
+        f"{s['slo_attainment_A']:.4f} |")
+  lines += ["", "Overload (rho = 1.5, Poisson):", "",
+            "| config | offered req/s | served req/s | shed fraction | SLO attainment (all) |"
+            " SLO attainment (admitted) | p99 admitted (ms) |", "| --- | --- | --- | --- | --- | --- | --- |"]
+  for o in results.get("overload", []):
+    lines.append(f"| {o['config']} | {o['rate_rps']:.0f} | {o['throughput_rps']:.0f} | "
+                 f"{o['shed_fraction']:.3f} | {o.get('slo_attainment', 0):.4f} | "
+                 f"{o.get('slo_attainment_admitted', 0):.4f} | "
+                 f"{o.get('latency_ms', {}).get('p99', float('nan')):.2f} |")
+  m = results.get("malformed")
+  if m:
+    lines += ["", f"Malformed requests: {m['requests']} -> codes {m['codes']}; ready after: "
+              f"{m['ready_after']}; valid request after: {m['valid_request_after']}"]
+  lines += ["", f"Load averages (1, 5, 15 min) during the run: {results['conditions']['loadavg']}"]
+  with open(path, "w") as f:
+    f.write("\n".join(lines) + "\n")
+
+
+def plot(results: dict, path: str) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  pts = [p for p in results["points"] if p["arrival"] == "poisson"]
+  fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+  for cfg, style in (("A", "k-o"), ("C", "r-s"), ("D", "b-^")):
+    xs = [p for p in pts if p["config"] == cfg]
+    ax1.plot([p["rho"] for p in xs], [p.get("latency_ms", {}).get("p99", np.nan) for p in xs],
+             style, label={"A": "A inference only", "C": "C naive co-location",
+                           "D": "D coltrain"}[cfg])
+    if cfg != "A":
+      ax2.plot([p["rho"] for p in xs], [p["train_samples_per_s"] or 0 for p in xs], style,
+               label={"C": "C naive co-location", "D": "D coltrain"}[cfg])
+  ax1.axhline(results["slo_ms"], color="gray", ls="--", label="SLO")
+  ax1.set_xlabel("load rho (fraction of capacity)")
+  ax1.set_ylabel("p99 latency (ms)")
+  ax1.set_yscale("log")
+  ax1.legend()
+  b = results["B"]["train_samples_per_s"]
+  ax2.axhline(b, color="gray", ls="--", label="B training only")
+  rh = sorted({p["rho"] for p in pts})
+  us = [(_get(pts, "A", r) or {}).get("inference_busy_fraction") or 0 for r in rh]
+  ax2.plot(rh, [b * (1 - u) for u in us], "g:", label="B x (1 - U) (idle cycles)")
+  ax2.set_xlabel("load rho (fraction of capacity)")
+  ax2.set_ylabel("training samples/s")
+  ax2.legend()
+  fig.suptitle(f"LeNet / MNIST-5k on a shared 2-core CPU, SLO {results['slo_ms']:.1f} ms")
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+  sys.exit(main())

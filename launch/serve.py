@@ -1,0 +1,86 @@
+"""Serve a model over HTTP (KServe v2) while training it in the idle cycles.
+
+  python -m launch.serve --config configs/serve.py [--config.serve.KEY=VALUE ...] \
+      [--port_file PATH]
+
+Prints `coltrain-serve: listening on http://HOST:PORT` once ready (and writes the port
+to --port_file, for scripts). SIGINT/SIGTERM stop it cleanly (exit 0). Several replicas
+(`--config.serve.replicas=R`) need R local devices: on CPU set JAX_NUM_CPU_DEVICES=R
+(NPROC, XLA's CPU thread pool, is then set to at least twice that unless given).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+
+os.environ.setdefault(
+    "NPROC", str(max(2 * int(os.environ.get("JAX_NUM_CPU_DEVICES") or 1), os.cpu_count() or 1)))
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Serving config file (a Python file with get_config()).",
+    lock_config=False)
+_PORT_FILE = flags.DEFINE_string("port_file", None,
+                                 "Write the bound port here once the server is ready.")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
+  from coltrain.config import ConfigError
+  from coltrain.serve import Server
+
+  try:
+    server = Server(_CONFIG.value)
+  except ConfigError as e:
+    print(f"coltrain-serve: {e}", file=sys.stderr)
+    return 2
+  stop = threading.Event()
+
+  def on_signal(signum, frame):
+    del signum, frame
+    stop.set()
+
+  signal.signal(signal.SIGINT, on_signal)
+  signal.signal(signal.SIGTERM, on_signal)
+  server.start()
+  if _PORT_FILE.value:
+    tmp = _PORT_FILE.value + ".tmp"
+    with open(tmp, "w") as f:
+      f.write(str(server.port))
+    os.replace(tmp, _PORT_FILE.value)
+  print(f"coltrain-serve: listening on {server.url}", file=sys.stderr, flush=True)
+  while not stop.wait(0.5):
+    pass
+  server.stop()
+  status = server.training_status()
+  if status.get("failure"):
+    print(f"coltrain-serve: training failed: {status['failure']}", file=sys.stderr)
+  print("coltrain-serve: stopped", file=sys.stderr, flush=True)
+  return 0
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl flag parsing, with unknown `--config.KEY` overrides reported clearly."""
+  from coltrain.serve.config import unknown_serve_override_keys
+  problems = unknown_serve_override_keys(argv[1:])
+  if problems:
+    print("coltrain-serve: " + "\n  ".join(problems), file=sys.stderr)
+    sys.exit(2)
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    print(f"coltrain-serve: {e}\nSee --helpfull for the flags.", file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config"])
+  app.run(main, flags_parser=parse_flags)

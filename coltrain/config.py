@@ -54,7 +54,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.numerics = ml_collections.ConfigDict()
   c.numerics.policy = "fp32"  # preset (fp32, hbfp8_16, ...) or rules (coltrain.numerics.policy)
   c.numerics.datapath = "fake"  # fake (quantize-dequantize) | exact
-  c.numerics.backend = "jax"  # jax | hw
+  c.numerics.backend = "jax"  # jax | hw (a hardware plugin's custom calls; needs exact)
+  c.numerics.hw_plugin = ""  # hw plugin library; "" = $COLTRAIN_HW_PLUGIN or the built-in
 
   c.comm = ml_collections.ConfigDict(dict(COMM_DEFAULTS))  # see coltrain.comm.config
   return c
@@ -150,10 +151,15 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
        f"'numerics.datapath' must be 'fake' or 'exact', got '{c.numerics.datapath}'")
   need(c.numerics.backend in ("jax", "hw"),
        f"'numerics.backend' must be 'jax' or 'hw', got '{c.numerics.backend}'")
-  if c.numerics.datapath in ("fake", "exact") and c.numerics.backend in ("jax", "hw"):
+  hw_ok = True
+  if c.numerics.backend == "hw":
+    hw_ok = _check_hw_backend(c, problems)
+  if (c.numerics.datapath in ("fake", "exact") and c.numerics.backend in ("jax", "hw")
+      and hw_ok):
     from coltrain.numerics.policy import make_policy
     try:
-      make_policy(c.numerics.policy, datapath=c.numerics.datapath, backend=c.numerics.backend)
+      make_policy(c.numerics.policy, datapath=c.numerics.datapath, backend=c.numerics.backend,
+                  hw_plugin=c.numerics.hw_plugin)
     except ValueError as e:
       problems.append(f"'numerics.policy': {e}")
   problems.extend(validate_comm(c.comm))
@@ -163,3 +169,28 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   if problems:
     raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
   return c
+
+
+def _check_hw_backend(c: ml_collections.ConfigDict, problems: list[str]) -> bool:
+  """numerics.backend == "hw": the datapath must be exact and the plugin must load and do
+  what the comm compressor needs. Appends problems; returns True if the plugin loaded."""
+  if c.numerics.datapath != "exact":
+    problems.append("'numerics.backend' 'hw' runs the exact datapath (the plugin's custom "
+                    "calls); set 'numerics.datapath' to 'exact'")
+  from coltrain.numerics.hw.plugin import HwPluginError, load_plugin
+  try:
+    load_plugin(c.numerics.hw_plugin or None)
+  except HwPluginError as e:
+    problems.append(f"'numerics.hw_plugin': {e}")
+    return False
+  from coltrain.comm.compressors import _check_backend, is_bfp_name
+  from coltrain.numerics.formats import parse_format
+  name = c.comm.compressor
+  try:
+    if name == "top_k":
+      _check_backend("hw", c.numerics.hw_plugin, "top_k")
+    elif is_bfp_name(name):
+      _check_backend("hw", c.numerics.hw_plugin, "bfp", parse_format(name))
+  except ValueError as e:
+    problems.append(f"'comm.compressor' on the hw backend: {e}")
+  return True

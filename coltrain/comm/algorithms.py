@@ -422,12 +422,14 @@ def make_algorithm(comm_cfg: Mapping, topology: Optional[Topology] = None,
                    compressor: Optional[Compressor] = None,
                    tx: Optional[optax.GradientTransformation] = None,
                    num_workers: Optional[int] = None, *, track_consensus: bool = True,
-                   seed: int = 0) -> Algorithm:
+                   seed: int = 0, backend: str = "jax", hw_plugin: str = "") -> Algorithm:
   """The `comm.algorithm` of a (validated) comm config group.
 
   topology / compressor / num_workers default to the ones the config names
   (`comm.topology`, `comm.compressor` with `comm.error_feedback` for allreduce,
-  `comm.workers`). `tx` is required. Raises ValueError listing the config's problems.
+  `comm.workers`). `tx` is required. backend "hw" (numerics.backend) packs bfp payloads
+  and selects top_k entries with the hardware plugin's custom calls (same bytes).
+  Raises ValueError listing the config's problems.
   """
   from coltrain.comm.config import resolve, validate_comm
   cfg = resolve(comm_cfg)
@@ -448,14 +450,16 @@ def make_algorithm(comm_cfg: Mapping, topology: Optional[Topology] = None,
     if compressor is None:
       compressor = comp.make_compressor(cfg["compressor"], ratio=cfg["ratio"],
                                         levels=cfg["levels"], rank=cfg["rank"],
-                                        error_feedback=cfg["error_feedback"], seed=seed)
+                                        error_feedback=cfg["error_feedback"], seed=seed,
+                                        backend=backend, hw_plugin=hw_plugin)
     return allreduce(tx, w, compressor, **kw)
   if name == "dpsgd":
     return dpsgd(tx, topology, **kw)
   if name == "choco":
     if compressor is None:
       compressor = comp.make_compressor(cfg["compressor"], ratio=cfg["ratio"],
-                                        levels=cfg["levels"], rank=cfg["rank"], seed=seed)
+                                        levels=cfg["levels"], rank=cfg["rank"], seed=seed,
+                                        backend=backend, hw_plugin=hw_plugin)
     return choco(tx, topology, compressor, cfg["gamma"], **kw)
   if name == "gradient_tracking":
     return gradient_tracking(tx, topology, **kw)

@@ -175,7 +175,20 @@ def _index_dtype(limit: int):
   return jnp.uint16 if limit < SEGMENT else jnp.int32
 
 
-def top_k(ratio: float) -> Compressor:
+def top_k_indices(flat: jax.Array, k: int) -> jax.Array:
+  """Indices (int32, ascending) of the k entries of largest magnitude of float32 `flat`.
+
+  Magnitudes are compared as the integer bit patterns |x| (monotone in the value for
+  non-negative floats, NaN above inf, -0 == +0, subnormals kept distinct even where the
+  CPU flushes them in float compares); ties go to the lower index (`lax.top_k` is
+  stable). This is also exactly what the hw plugin's top_k custom call selects.
+  """
+  mag = lax.bitcast_convert_type(flat, jnp.int32) & jnp.int32(0x7FFFFFFF)
+  _, idx = lax.top_k(mag, k)
+  return jnp.sort(idx.astype(jnp.int32))
+
+
+def top_k(ratio: float, backend: str = "jax", hw_plugin: str = "") -> Compressor:
   """Keeps the k = max(1, ceil(ratio n)) largest-magnitude entries of each leaf.
 
   Wire format per leaf: `values` float32 (k,) in ascending index order; `index_low`
@@ -184,16 +197,23 @@ def top_k(ratio: float) -> Compressor:
   of the sorted indices fall in each 65536-entry segment. This encodes the sorted index
   set losslessly in 2 bytes per index plus a few bytes per segment (instead of 4 bytes
   per int32 index).
+
+  backend "hw": the selection runs as the hardware plugin's top_k custom call
+  (`coltrain.numerics.hw.top_k`, the same indices as `top_k_indices`).
   """
   if not 0 < ratio <= 1:
     raise ValueError(f"top_k ratio must be in (0, 1], got {ratio}")
+  _check_backend(backend, hw_plugin, "top_k")
 
   def encode(x, s, key):
     flat = x.reshape(-1)
     n = flat.size
     k = ratio_to_k(ratio, n)
-    _, idx = lax.top_k(jnp.abs(flat), k)
-    idx = jnp.sort(idx.astype(jnp.int32))
+    if backend == "hw":
+      from coltrain.numerics.hw import ops as hw_ops
+      idx = hw_ops.top_k(flat, k, plugin=hw_plugin or None)[0]
+    else:
+      idx = top_k_indices(flat, k)
     payload = {"values": flat[idx], "index_low": (idx & (SEGMENT - 1)).astype(jnp.uint16)}
     if n > SEGMENT:
       segments = -(-n // SEGMENT)
@@ -379,17 +399,25 @@ NONFINITE_EXPONENT = -128
 
 
 def bfp_pack(x: jax.Array, fmt, *, rounding: str = "nearest_even",
-             key: Optional[jax.Array] = None) -> dict:
+             key: Optional[jax.Array] = None, backend: str = "jax",
+             hw_plugin: str = "") -> dict:
   """x (float32, any shape) -> the bfp wire format, blocked along the last axis.
 
   {"mantissas": int8/int16/int32 of x's shape (0-d: (1,)),
    "exponents": int8 (..., nblocks), NONFINITE_EXPONENT for NaN/inf blocks}.
+  backend "hw": packed by the hardware plugin's "pack" custom call (identical bytes).
   """
   fmt = parse_format(fmt)
   if not isinstance(fmt, BFPFormat):
     raise ValueError(f"bfp compressor needs a bfp format (bfp{{m}}_b{{b}}, mxint8), got {fmt}")
   x1 = _f32(x)
   x1 = x1.reshape(1) if x1.ndim == 0 else x1
+  if backend == "hw":
+    from coltrain.numerics.hw import ops as hw_ops
+    bits = jax.random.bits(key, x1.shape, jnp.uint32) if rounding == "stochastic" else None
+    mant, exps = hw_ops.pack(x1, fmt, rounding=rounding, random_bits=bits,
+                             plugin=hw_plugin or None)
+    return {"mantissas": mant, "exponents": exps}
   length = x1.shape[-1]
   blocks = bfp_encode(x1, fmt, axis=-1, rounding=rounding,
                       key=key if rounding == "stochastic" else None)
@@ -398,9 +426,15 @@ def bfp_pack(x: jax.Array, fmt, *, rounding: str = "nearest_even",
   return {"mantissas": mant.astype(bfp_storage_dtype(fmt)), "exponents": exps.astype(jnp.int8)}
 
 
-def bfp_unpack(payload: dict, fmt, shape: tuple[int, ...]) -> jax.Array:
-  """The bfp wire format -> float32 of `shape`; equals `quantize(x, fmt)` bit for bit."""
+def bfp_unpack(payload: dict, fmt, shape: tuple[int, ...], backend: str = "jax",
+               hw_plugin: str = "") -> jax.Array:
+  """The bfp wire format -> float32 of `shape`; equals `quantize(x, fmt)` bit for bit.
+  backend "hw": unpacked by the hardware plugin's "unpack" custom call."""
   fmt = parse_format(fmt)
+  if backend == "hw":
+    from coltrain.numerics.hw import ops as hw_ops
+    return hw_ops.unpack(payload["mantissas"], payload["exponents"], fmt,
+                         plugin=hw_plugin or None).reshape(shape)
   mant = payload["mantissas"].astype(jnp.int32)
   exps = payload["exponents"].astype(jnp.int32)
   length = mant.shape[-1]
@@ -414,18 +448,22 @@ def bfp_unpack(payload: dict, fmt, shape: tuple[int, ...]) -> jax.Array:
   return bfp_decode(blocks, fmt, axis=-1, length=length).reshape(shape)
 
 
-def bfp(fmt, rounding: str = "nearest_even") -> Compressor:
+def bfp(fmt, rounding: str = "nearest_even", backend: str = "jax",
+        hw_plugin: str = "") -> Compressor:
   """Block floating point in its packed wire format (see module doc). `rounding`:
-  nearest_even (default) or stochastic (uses the key) / toward_zero."""
+  nearest_even (default) or stochastic (uses the key) / toward_zero. backend "hw": the
+  hardware plugin packs and unpacks (the same bytes)."""
   fmt = parse_format(fmt)
   if not isinstance(fmt, BFPFormat):
     raise ValueError(f"bfp compressor needs a bfp format (bfp{{m}}_b{{b}}, mxint8), got {fmt}")
+  _check_backend(backend, hw_plugin, "bfp", fmt, rounding)
 
   def encode(x, s, key):
-    return bfp_pack(x, fmt, rounding=rounding, key=key), s
+    return bfp_pack(x, fmt, rounding=rounding, key=key, backend=backend,
+                    hw_plugin=hw_plugin), s
 
   def decode(p, shape, key):
-    return bfp_unpack(p, fmt, shape)
+    return bfp_unpack(p, fmt, shape, backend=backend, hw_plugin=hw_plugin)
 
   name = fmt.name if rounding == "nearest_even" else f"{fmt.name}({rounding})"
   return _per_leaf(name, _Leaf(_no_state, encode, decode),
@@ -465,14 +503,33 @@ def is_bfp_name(name: str) -> bool:
     return False
 
 
+def _check_backend(backend: str, hw_plugin: str, what: str, fmt=None,
+                   rounding: str = "nearest_even") -> None:
+  """Validates a compressor backend; "hw" loads the plugin and checks it can do `what`."""
+  if backend not in ("jax", "hw"):
+    raise ValueError(f"unknown compressor backend {backend!r}; expected 'jax' or 'hw'")
+  if backend == "hw":
+    from coltrain.numerics.hw.plugin import load_plugin
+    plugin = load_plugin(hw_plugin or None)
+    if fmt is None:
+      plugin.require_op(what)
+    else:
+      plugin.require_op("pack")
+      plugin.require_op("unpack")
+      plugin.check_format(fmt, f"{what} compressor", rounding)
+
+
 def make_compressor(name: str, *, ratio: float = 0.01, levels: int = 16, rank: int = 2,
-                    error_feedback: bool = False, seed: int = 0) -> Compressor:
+                    error_feedback: bool = False, seed: int = 0, backend: str = "jax",
+                    hw_plugin: str = "") -> Compressor:
   """A compressor by config name: one of COMPRESSORS or a bfp format string
-  ("bfp8_b64", "bfp4", "mxint8", ...)."""
+  ("bfp8_b64", "bfp4", "mxint8", ...). backend "hw" runs top_k selection and bfp
+  packing/unpacking as the hardware plugin's custom calls (identical payloads); the other
+  compressors have no hw kernels and run in JAX on either backend."""
   if name == "none":
     c = none()
   elif name == "top_k":
-    c = top_k(ratio)
+    c = top_k(ratio, backend, hw_plugin)
   elif name == "rand_k":
     c = rand_k(ratio)
   elif name == "qsgd":
@@ -482,7 +539,7 @@ def make_compressor(name: str, *, ratio: float = 0.01, levels: int = 16, rank: i
   elif name == "powersgd":
     c = powersgd(rank, seed)
   elif is_bfp_name(name):
-    c = bfp(name)
+    c = bfp(name, backend=backend, hw_plugin=hw_plugin)
   else:
     raise ValueError(f"unknown compressor '{name}'; known: {', '.join(COMPRESSORS)} or a "
                      f"bfp format (bfp{{m}}_b{{block}}, mxint8)")

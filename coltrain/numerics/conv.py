@@ -167,8 +167,8 @@ def _block_size(g: GemmSpec) -> int:
 
 def conv_fwd(spec: DotSpec, geom: ConvGeometry, x, w, key):
   g = spec.fwd
-  qx = quantize_operand(x, g.lhs, g.lhs_rounding, -1, key, 0, 0)       # along C
-  qw = quantize_operand(w, g.rhs, g.rhs_rounding, w.ndim - 2, key, 0, 1)  # along Cin
+  qx = quantize_operand(x, g.lhs, g.lhs_rounding, -1, key, 0, 0, spec=spec)  # along C
+  qw = quantize_operand(w, g.rhs, g.rhs_rounding, w.ndim - 2, key, 0, 1, spec=spec)  # Cin
   if spec.datapath == "fake" or g.is_fp32:
     return _conv(qx, qw, geom)
   nd = geom.nd
@@ -180,15 +180,15 @@ def conv_fwd(spec: DotSpec, geom: ConvGeometry, x, w, key):
   a = taps.reshape(-1, taps.shape[-2] * taps.shape[-1])     # (P, T*Cp)
   wt = _pad_last(jnp.moveaxis(qw.reshape((-1,) + w.shape[nd:]), -1, 0), b)  # (O, T, Cp)
   wt = wt.reshape(wt.shape[0], -1).T                                        # (T*Cp, O)
-  y = gemm(a, wt, g, "exact", spec.backend)
+  y = gemm(a, wt, g, "exact", spec.backend, spec.hw_plugin)
   return y.reshape(out_shape + (w.shape[-1],))
 
 
 def conv_dlhs(spec: DotSpec, geom: ConvGeometry, x_shape, w, dy, key):
   g = spec.dlhs
   nd = geom.nd
-  qdy = quantize_operand(dy, g.lhs, g.lhs_rounding, -1, key, 1, 0)   # along Cout
-  qw = quantize_operand(w, g.rhs, g.rhs_rounding, -1, key, 1, 1)     # along Cout
+  qdy = quantize_operand(dy, g.lhs, g.lhs_rounding, -1, key, 1, 0, spec=spec)  # along Cout
+  qw = quantize_operand(w, g.rhs, g.rhs_rounding, -1, key, 1, 1, spec=spec)  # along Cout
   if spec.datapath == "fake" or g.is_fp32:
     conv_t = jax.linear_transpose(lambda a: _conv(a, qw, geom),
                                   jax.ShapeDtypeStruct(x_shape, jnp.float32))
@@ -207,7 +207,7 @@ def conv_dlhs(spec: DotSpec, geom: ConvGeometry, x_shape, w, dy, key):
   wf = wf.reshape((-1,) + w.shape[nd:])                   # (T, C, O)
   wf = _pad_last(jnp.swapaxes(wf, 1, 2).transpose(2, 0, 1), b)  # (C, T, Op)
   wf = wf.reshape(wf.shape[0], -1).T                      # (T*Op, C)
-  dx = gemm(a, wf, g, "exact", spec.backend)
+  dx = gemm(a, wf, g, "exact", spec.backend, spec.hw_plugin)
   return dx.reshape(tuple(x_shape))
 
 
@@ -235,7 +235,8 @@ def conv_drhs(spec: DotSpec, geom: ConvGeometry, x, w_shape, dy, key):
   o = dy.shape[-1]
   c = x.shape[-1]
   kernel = tuple(w_shape[:nd])
-  qdy = quantize_operand(dy.reshape(-1, o), g.rhs, g.rhs_rounding, 0, key, 2, 1)  # along P
+  qdy = quantize_operand(dy.reshape(-1, o), g.rhs, g.rhs_rounding, 0, key, 2, 1,
+                         spec=spec)  # along P
   if spec.datapath == "fake" and g.lhs.kind == "fp32":
     # Unquantized patches are X itself: the plain weight-gradient conv of the quantized dY.
     conv_t = jax.linear_transpose(lambda k: _conv(x, k, geom),
@@ -256,8 +257,8 @@ def conv_drhs(spec: DotSpec, geom: ConvGeometry, x, w_shape, dy, key):
     return jnp.stack(outs).reshape(tuple(w_shape))
   patches = im2col(x, kernel, geom)
   pm = patches.reshape(-1, patches.shape[-2] * patches.shape[-1])   # (P, T*C)
-  qp = quantize_operand(pm, g.lhs, g.lhs_rounding, 0, key, 2, 0)    # along P
-  dw = gemm(qp.T, qdy, g, spec.datapath, spec.backend)             # (T*C, O)
+  qp = quantize_operand(pm, g.lhs, g.lhs_rounding, 0, key, 2, 0, spec=spec)  # along P
+  dw = gemm(qp.T, qdy, g, spec.datapath, spec.backend, spec.hw_plugin)  # (T*C, O)
   return dw.reshape(tuple(w_shape))
 
 

@@ -120,6 +120,7 @@ class DotSpec:
   drhs: GemmSpec = FP32_GEMM
   datapath: str = "fake"
   backend: str = "jax"
+  hw_plugin: str = ""  # backend "hw": plugin library ("" = $COLTRAIN_HW_PLUGIN or built-in)
 
   def __post_init__(self):
     for role in ROLES:
@@ -140,6 +141,25 @@ class DotSpec:
         except ValueError as e:
           raise ValueError(f"role {role} ({g}) cannot run on the exact datapath: {e}. "
                            f"(A role is either fp32/fp32 or a valid bfp pair.)") from None
+    if self.backend == "hw":
+      self._check_hw()
+
+  def _check_hw(self) -> None:
+    """backend "hw": exact datapath only, and the plugin must do every format/rounding."""
+    if self.datapath != "exact":
+      raise ValueError("backend 'hw' runs the exact datapath (its GEMMs and quantizers are "
+                       "the plugin's custom calls); set datapath 'exact' (numerics.datapath"
+                       "=exact), or use backend 'jax' for the fake-quant path")
+    from coltrain.numerics.hw.plugin import load_plugin  # loads the library once
+    plugin = load_plugin(self.hw_plugin or None)
+    plugin.require_op("quantize")
+    for role in ROLES:
+      g = getattr(self, role)
+      if g.is_fp32:
+        continue
+      plugin.check_format(g.lhs, f"{role} lhs", g.lhs_rounding)
+      plugin.check_format(g.rhs, f"{role} rhs", g.rhs_rounding)
+      plugin.check_gemm(g.lhs, g.rhs, 1, 1, 1, "nearest_even")
 
   @property
   def is_fp32(self) -> bool:
@@ -167,11 +187,12 @@ def operand_bits(key, role: int, operand: int, shape) -> jax.Array:
 
 
 def quantize_operand(x, fmt: Format, rounding: str, axis: int, key, role: int,
-                     operand: int, bits_shape=None) -> jax.Array:
+                     operand: int, bits_shape=None, spec: "DotSpec | None" = None) -> jax.Array:
   """Quantize-dequantize one GEMM operand along `axis`; fp32 returns x untouched.
 
   Stochastic bits are drawn with `operand_bits` in `bits_shape` (default x.shape) and
   reshaped to x.shape (bits_shape must have x's size and the same row-major order).
+  With `spec.backend == "hw"` the plugin's quantizer runs it (a custom call; same values).
   """
   if fmt.kind == "fp32":
     return x
@@ -179,17 +200,24 @@ def quantize_operand(x, fmt: Format, rounding: str, axis: int, key, role: int,
   if rounding == "stochastic":
     bits = operand_bits(key, role, operand, x.shape if bits_shape is None else bits_shape)
     bits = bits.reshape(x.shape)
+  if spec is not None and spec.backend == "hw":
+    from coltrain.numerics.hw import ops as hw_ops
+    axis = axis % x.ndim
+    moved = None if bits is None else jnp.moveaxis(bits, axis, -1)
+    q = hw_ops.quantize(jnp.moveaxis(x, axis, -1), fmt, rounding=rounding,
+                        random_bits=moved, plugin=spec.hw_plugin or None)
+    return jnp.moveaxis(q, -1, axis)
   return fake_quantize(x, fmt, axis, rounding, bits)
 
 
-def gemm(a, b, g: GemmSpec, datapath: str, backend: str) -> jax.Array:
+def gemm(a, b, g: GemmSpec, datapath: str, backend: str, hw_plugin: str = "") -> jax.Array:
   """C = a @ b for already quantized a (..., M, K), b (K, N) (blocks along K)."""
   if datapath == "fake" or g.is_fp32:
     return jnp.matmul(a, b, precision=HIGHEST)
   # Exact §5 datapath. a and b hold values already quantized with their own rounding;
   # re-encoding them (nearest_even) is the identity, so this is the contract's GEMM.
   return matmul(a, b, lhs=g.lhs, rhs=g.rhs, datapath="exact", backend=backend,
-                rounding="nearest_even")
+                rounding="nearest_even", hw_plugin=hw_plugin or None)
 
 
 def check_key(spec: DotSpec, key, what: str):
@@ -231,23 +259,23 @@ def check_operands(lhs, rhs, preferred_element_type, out_sharding, what: str):
 
 def _fwd(spec: DotSpec, x, w, key):
   g = spec.fwd
-  qx = quantize_operand(x, g.lhs, g.lhs_rounding, 1, key, 0, 0)   # X (M, K) along K
-  qw = quantize_operand(w, g.rhs, g.rhs_rounding, 0, key, 0, 1)   # W (K, N) along K
-  return gemm(qx, qw, g, spec.datapath, spec.backend)
+  qx = quantize_operand(x, g.lhs, g.lhs_rounding, 1, key, 0, 0, spec=spec)   # X (M, K) along K
+  qw = quantize_operand(w, g.rhs, g.rhs_rounding, 0, key, 0, 1, spec=spec)   # W (K, N) along K
+  return gemm(qx, qw, g, spec.datapath, spec.backend, spec.hw_plugin)
 
 
 def _dlhs(spec: DotSpec, w, dy, key):
   g = spec.dlhs
-  qdy = quantize_operand(dy, g.lhs, g.lhs_rounding, 1, key, 1, 0)  # dY (M, N) along N
-  qw = quantize_operand(w, g.rhs, g.rhs_rounding, 1, key, 1, 1)    # W (K, N) along N
-  return gemm(qdy, qw.T, g, spec.datapath, spec.backend)           # (M, K)
+  qdy = quantize_operand(dy, g.lhs, g.lhs_rounding, 1, key, 1, 0, spec=spec)  # dY (M, N) along N
+  qw = quantize_operand(w, g.rhs, g.rhs_rounding, 1, key, 1, 1, spec=spec)    # W (K, N) along N
+  return gemm(qdy, qw.T, g, spec.datapath, spec.backend, spec.hw_plugin)           # (M, K)
 
 
 def _drhs(spec: DotSpec, x, dy, key):
   g = spec.drhs
-  qx = quantize_operand(x, g.lhs, g.lhs_rounding, 0, key, 2, 0)    # X (M, K) along M
-  qdy = quantize_operand(dy, g.rhs, g.rhs_rounding, 0, key, 2, 1)  # dY (M, N) along M
-  return gemm(qx.T, qdy, g, spec.datapath, spec.backend)           # (K, N)
+  qx = quantize_operand(x, g.lhs, g.lhs_rounding, 0, key, 2, 0, spec=spec)    # X (M, K) along M
+  qdy = quantize_operand(dy, g.rhs, g.rhs_rounding, 0, key, 2, 1, spec=spec)  # dY (M, N) along M
+  return gemm(qx.T, qdy, g, spec.datapath, spec.backend, spec.hw_plugin)           # (K, N)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))

@@ -44,7 +44,7 @@ from coltrain.numerics.quantize import as_float32, quantize
 from coltrain.numerics.rounding import check_rounding
 
 DATAPATHS = ("exact", "fake")
-BACKENDS = ("jax",)
+BACKENDS = ("jax", "hw")
 
 
 def check_exact_config(lhs: BFPFormat, rhs: BFPFormat) -> None:
@@ -158,7 +158,7 @@ def matmul(a: jax.Array, b: jax.Array, *, lhs: Union[str, Format],
            rhs: Union[str, Format], datapath: str = "exact", backend: str = "jax",
            rounding: str = "nearest_even",
            random_bits: Optional[Sequence[jax.Array]] = None,
-           key: Optional[jax.Array] = None) -> jax.Array:
+           key: Optional[jax.Array] = None, hw_plugin: Optional[str] = None) -> jax.Array:
   """C = a @ b with both operands in block formats, blocked along K.
 
   Args:
@@ -169,11 +169,14 @@ def matmul(a: jax.Array, b: jax.Array, *, lhs: Union[str, Format],
       "fake" accepts any format, including "fp32".
     datapath: "exact" (contract §5, bit-exact) or "fake" (quantize-dequantize, then a
       float32 matmul at HIGHEST precision; not bit-exact to §5).
-    backend: "jax" (pure JAX, runs anywhere). Hardware backends (a later "hw") plug in
-      here; any other value raises ValueError.
+    backend: "jax" (pure JAX, runs anywhere) or "hw": the exact datapath as one XLA
+      custom call to a hardware plugin (`coltrain.numerics.hw`; bit-identical to "jax";
+      datapath "exact" only).
     rounding: quantization rounding of both operands (§4).
     random_bits: for stochastic: (bits_a, bits_b), uint32 shaped like a and b.
     key: for stochastic, instead: a PRNG key, split in two for a and b.
+    hw_plugin: backend "hw": the plugin library (default: $COLTRAIN_HW_PLUGIN or the
+      built-in CPU datapath model). Formats/shapes it cannot do raise ValueError.
 
   Returns:
     float32 (..., M, N).
@@ -186,9 +189,12 @@ def matmul(a: jax.Array, b: jax.Array, *, lhs: Union[str, Format],
     raise ValueError(f"unknown datapath {datapath!r}; expected 'exact' (contract §5) or "
                      f"'fake' (quantize-dequantize + float32 matmul)")
   if backend not in BACKENDS:
-    raise ValueError(
-        f"unknown matmul backend {backend!r}: only 'jax' is available. Hardware backends "
-        f"(the planned backend='hw') plug in here, in coltrain.numerics.matmul.matmul")
+    raise ValueError(f"unknown matmul backend {backend!r}; expected 'jax' (pure JAX) or "
+                     f"'hw' (a hardware plugin's custom call, coltrain.numerics.hw)")
+  if backend == "hw" and datapath != "exact":
+    raise ValueError("backend='hw' runs the exact datapath (contract §5); the fake "
+                     "quantize-dequantize path exists only in JAX: use datapath='exact' or "
+                     "backend='jax'")
   check_rounding(rounding)
   lhs, rhs = parse_format(lhs), parse_format(rhs)
   a, b = as_float32(a, "a"), as_float32(b, "b")
@@ -201,4 +207,17 @@ def matmul(a: jax.Array, b: jax.Array, *, lhs: Union[str, Format],
   if datapath == "fake":
     return _fake_jit(a, b, bits_a, bits_b, lhs=lhs, rhs=rhs, rounding=rounding)
   check_exact_config(lhs, rhs)
+  if backend == "hw":
+    return _exact_hw(a, b, bits_a, bits_b, lhs, rhs, rounding, hw_plugin)
   return _exact_jit(a, b, bits_a, bits_b, lhs=lhs, rhs=rhs, rounding=rounding)
+
+
+def _exact_hw(a, b, bits_a, bits_b, lhs, rhs, rounding, hw_plugin):
+  """The exact datapath as the plugin's "gemm" custom call; a's leading dims become rows."""
+  from coltrain.numerics.hw import ops as hw_ops  # loads the plugin library on first use
+  lead, k = a.shape[:-1], a.shape[-1]
+  rows = a.reshape(-1, k)
+  bits_rows = None if bits_a is None else bits_a.reshape(-1, k)
+  c = hw_ops.gemm(rows, b, lhs, rhs, rounding=rounding, bits_a=bits_rows, bits_b=bits_b,
+                  plugin=hw_plugin)
+  return c.reshape(lead + (b.shape[1],))

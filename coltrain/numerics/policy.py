@@ -122,11 +122,12 @@ class Rule:
   def is_fp32(self) -> bool:
     return all(getattr(self, r).is_fp32 for r in ROLES)
 
-  def dot_spec(self, datapath: str, backend: str) -> Optional[DotSpec]:
+  def dot_spec(self, datapath: str, backend: str, hw_plugin: str = "") -> Optional[DotSpec]:
     """The layer's DotSpec, or None for an all-fp32 rule (the layer is left alone)."""
     if self.is_fp32:
       return None
-    return DotSpec(self.fwd, self.dlhs, self.drhs, datapath=datapath, backend=backend)
+    return DotSpec(self.fwd, self.dlhs, self.drhs, datapath=datapath, backend=backend,
+                   hw_plugin=hw_plugin)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -292,7 +293,8 @@ def parse_compact(text: str) -> tuple:
   return tuple(phases)
 
 
-def _build_phases(spec: Any, datapath: str, backend: str) -> tuple[Phase, ...]:
+def _build_phases(spec: Any, datapath: str, backend: str,
+                  hw_plugin: str = "") -> tuple[Phase, ...]:
   if not isinstance(spec, (tuple, list)) or not spec:
     raise PolicyError(f"a policy must be a preset name, a compact string or a non-empty "
                       f"tuple of (start_fraction, items) phases; got {spec!r}")
@@ -329,7 +331,7 @@ def _build_phases(spec: Any, datapath: str, backend: str) -> tuple[Phase, ...]:
       fwd, dlhs, drhs = _roles(fmts, w)
       rule = Rule(pats, fwd, dlhs, drhs, text=f"{','.join(pats)}={_describe(fwd, dlhs, drhs)}")
       try:
-        rule.dot_spec(datapath, backend)
+        rule.dot_spec(datapath, backend, hw_plugin)
       except ValueError as e:
         raise PolicyError(f"{w}: {e}") from None
       rules.append(rule)
@@ -361,6 +363,7 @@ class Policy:
   phases: tuple[Phase, ...]
   datapath: str = "fake"
   backend: str = "jax"
+  hw_plugin: str = ""  # backend "hw": plugin library ("" = $COLTRAIN_HW_PLUGIN or built-in)
   source: Any = dataclasses.field(default=None, compare=False, hash=False, repr=False)
 
   @property
@@ -460,7 +463,8 @@ class Policy:
               f"{layer.path} ({layer.module_type}), which cannot be quantized: "
               f"{layer.why_not}. Put an fp32 rule for it first, e.g. "
               f"'{layer.path}=fp32;...'")
-        specs.append((layer.path, rule.dot_spec(self.datapath, self.backend)))
+        specs.append((layer.path, rule.dot_spec(self.datapath, self.backend,
+                                                    self.hw_plugin)))
       phase_specs.append(tuple(specs))
     return ResolvedPolicy(self, tuple(layers), tuple(phase_specs),
                           tuple(p.storage for p in self.phases))
@@ -573,8 +577,14 @@ def trace_layers(model: nn.Module, sample_input, **call_kwargs) -> tuple[LayerIn
 # ---------------------------------------------------------------------------------------
 
 def make_policy(name_or_rules: Union[str, Sequence, Policy], *, datapath: str = "fake",
-                backend: str = "jax") -> Policy:
+                backend: str = "jax", hw_plugin: str = "") -> Policy:
   """Builds a policy from a preset name, a compact string or the Python form.
+
+  backend "jax" runs everything in JAX; "hw" runs every quantized GEMM (and its operand
+  quantizers) on a hardware plugin's custom calls (`coltrain.numerics.hw`; needs
+  datapath "exact"): `hw_plugin` is the plugin library ("" = $COLTRAIN_HW_PLUGIN or the
+  built-in CPU datapath model), and every format/rounding is checked against its
+  capabilities here.
 
   Everything (formats, roundings, patterns, fractions, exact-datapath configurations) is
   validated here; errors raise ValueError with a message saying what and where.
@@ -598,9 +608,9 @@ def make_policy(name_or_rules: Union[str, Sequence, Policy], *, datapath: str = 
   else:
     name, spec = "custom", name_or_rules
   try:
-    phases = _build_phases(spec, datapath, backend)
+    phases = _build_phases(spec, datapath, backend, hw_plugin)
   except PolicyError:
     raise
   except ValueError as e:  # e.g. a DotSpec backend error
     raise PolicyError(str(e)) from None
-  return Policy(name, phases, datapath, backend, source=spec)
+  return Policy(name, phases, datapath, backend, hw_plugin, source=spec)

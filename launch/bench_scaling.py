@@ -62,8 +62,8 @@ COMM_RUNS = {"allreduce": "allreduce", "choco": "choco_top_k_ring",
 LAYOUTS = {
     "allreduce": [(1, 1, 1), (2, 1, 2), (2, 2, 1), (4, 1, 4), (4, 2, 2), (4, 4, 1),
                   (8, 1, 1), (8, 1, 8), (8, 2, 4), (8, 4, 2), (8, 8, 1)],
-    "choco": [(8, 1, 1), (8, 1, 8), (8, 4, 2), (8, 8, 1)],
-    "powersgd": [(8, 1, 1), (8, 1, 8), (8, 4, 2), (8, 8, 1)],
+    "choco": [(8, 1, 1), (8, 1, 8), (8, 4, 2)],
+    "powersgd": [(8, 1, 1), (8, 1, 8), (8, 4, 2)],
 }
 PROJECT_WORKERS = (8, 64, 256, 1024)
 LINKS_GBPS = (25.0, 100.0)
@@ -190,6 +190,7 @@ def measure_one(alg: str, workers: int, processes: int, devices: int, steps: int
   args = ["--config", "configs/default.py", f"--config.steps={steps}",
           "--config.checkpoint_every=0", "--config.eval_every=0",
           f"--config.log_every={steps}", "--config.optimizer.learning_rate=0.025",
+          "--config.optimizer.warmup_steps=2",
           f"--config.comm.workers={workers}"]
   if workers > 1:
     args += ALGORITHMS[alg]
@@ -339,7 +340,7 @@ def plot(out: str, rows: list[dict], rows_fast: list[dict], compute_scale: float
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   ap.add_argument("--out", default="results/scaling")
-  ap.add_argument("--steps", type=int, default=30, help="steps per measured run")
+  ap.add_argument("--steps", type=int, default=20, help="steps per measured run")
   ap.add_argument("--no-measure", dest="measure", action="store_false")
   ap.add_argument("--remeasure", action="store_true")
   ap.add_argument("--algorithms", default="allreduce,choco,powersgd")

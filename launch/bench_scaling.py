@@ -60,10 +60,10 @@ COMM_RUNS = {"allreduce": "allreduce", "choco": "choco_top_k_ring",
              "powersgd": "powersgd_r2"}
 # (workers, processes, devices per process); workers = processes * devices * stacked.
 LAYOUTS = {
-    "allreduce": [(1, 1, 1), (2, 1, 2), (2, 2, 1), (4, 1, 4), (4, 2, 2), (4, 4, 1),
-                  (8, 1, 1), (8, 1, 8), (8, 2, 4), (8, 4, 2), (8, 8, 1)],
-    "choco": [(8, 1, 1), (8, 1, 8), (8, 4, 2)],
-    "powersgd": [(8, 1, 1), (8, 1, 8), (8, 4, 2)],
+    "allreduce": [(8, 1, 1), (2, 1, 2), (2, 2, 1), (4, 1, 4), (4, 4, 1), (8, 1, 8),
+                  (8, 4, 2)],
+    "choco": [(8, 1, 1), (8, 4, 2)],
+    "powersgd": [(8, 1, 1)],
 }
 PROJECT_WORKERS = (8, 64, 256, 1024)
 LINKS_GBPS = (25.0, 100.0)
@@ -357,7 +357,9 @@ def main(argv=None) -> int:
       measured = json.load(f)
   if args.measure:
     done = {_key(m) for m in measured}
-    plan = [("single", 1, 1, 1)] + [(a, *l) for a in algs for l in LAYOUTS[a] if l[0] > 1]
+    # the cost model's inputs (8 workers stacked on one device) first
+    plan = ([("single", 1, 1, 1)] + [(a, 8, 1, 1) for a in algs]
+            + [(a, *l) for a in algs for l in LAYOUTS[a] if l[0] > 1 and l != (8, 1, 1)])
     for alg, w, p, d in plan:
       key = f"{alg}/{w}/{p}x{d}"
       if key in done:

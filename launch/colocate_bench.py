@@ -275,9 +275,11 @@ def main(argv=None) -> int:
     results["slo_ms"] = slo_ms
     srv = [f"--config.serve.slo_ms={slo_ms}"] + common
     S = ServeProcess("S", work, srv)
+    procs.append(S)
+    S.wait_ready()   # one at a time: start-up timings are measured
+    S.training(False)
     T = ServeProcess("T", work, srv)
-    procs += [S, T]
-    S.wait_ready()
+    procs.append(T)
     T.wait_ready()
     S.training(False)
     T.training(False)

@@ -274,6 +274,7 @@ def main(argv=None) -> int:
   p.add_argument("--timeout", type=float, default=30.0)
   p.add_argument("--out")
   a = p.parse_args(argv)
+  sys.setswitchinterval(0.0005)  # many client threads: keep GIL hand-overs short
   if a.mode == "open":
     if a.rate is None:
       if a.rho is None or a.capacity is None:

@@ -29,7 +29,7 @@ SERVE_DEFAULTS: dict[str, Any] = {
     "replicas": 1,              # scheduler threads, one per (simulated) device
     "train": True,              # co-located training in idle cycles
     "train_replica": 0,         # the replica whose device trains
-    "micro_batch_size": 4,      # training micro-batch; batch_size / it micro-batches
+    "micro_batch_size": 1,      # training micro-batch; batch_size / it micro-batches
                                 #   accumulate into one optimizer step
     "chunk_steps": 1,           # micro-batches per training chunk (between decisions)
     "max_chunk_ms": 0.0,        # cap on the predicted chunk time (0: only the SLO slack)

@@ -12,6 +12,7 @@ import dataclasses
 from typing import Any, Optional
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from coltrain.data import DatasetSpec
@@ -30,7 +31,7 @@ class Weights:
 
   def to_device(self, device) -> "Weights":
     """A copy whose arrays live on `device` (fresh buffers: safe from donation)."""
-    put = lambda x: jax.device_put(x, device, donate=False, may_alias=False)  # noqa: E731
+    put = lambda x: jax.device_put(jnp.copy(x), device)  # noqa: E731
     return dataclasses.replace(self, params=jax.tree.map(put, self.params),
                                model_state=jax.tree.map(put, self.model_state))
 

@@ -110,6 +110,9 @@ def _parse_tensor(t: Any, image_shape: tuple[int, ...], max_images: int) -> np.n
     raise ProtocolError("'inputs[0].data' must hold only numbers (flat or nested "
                         "consistently with 'shape')") from None
   size = int(np.prod(shape))
+  if arr.ndim != 1 and arr.shape != tuple(shape):
+    raise ProtocolError(f"'inputs[0].data' is nested as {list(arr.shape)}; send it flat "
+                        f"(row-major) or nested exactly as shape {shape}")
   if arr.size != size:
     raise ProtocolError(f"'inputs[0].data' has {arr.size} values; shape {shape} needs {size}")
   if not np.all(np.isfinite(arr)):

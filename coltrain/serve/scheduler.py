@@ -87,7 +87,8 @@ class DeviceScheduler:
   # -- set-up ----------------------------------------------------------------------------
   def warmup(self, runs: int = 7) -> dict[int, float]:
     """Runs every bucket (and a training chunk) `runs` times and seeds the timers with
-    the median of the runs after the first two; returns median seconds per bucket."""
+    the fastest run (start-up is noisy: compiles, other processes starting; the online
+    estimates take over from the first real batches); returns seconds per bucket."""
     out = {}
     shape = self.predictor.image_shape
     for b in self.predictor.buckets:
@@ -97,10 +98,10 @@ class DeviceScheduler:
         t0 = clock()
         self.predictor(self.weights, x)
         ts.append(clock() - t0)
-      out[b] = float(np.median(ts[2:]))
+      out[b] = float(np.min(ts))
       self.timer.update(b, out[b])
     if self.trainer is not None and self.trainer.active:
-      self.timer.update("chunk", float(np.median(self.trainer.warmup(runs)[2:])))
+      self.timer.update("chunk", float(np.min(self.trainer.warmup(runs))))
     return out
 
   def start(self) -> None:
@@ -223,7 +224,10 @@ class DeviceScheduler:
               self._busy_until = now + (self.timer.predict("chunk") or 0.0)
               break
             self.train_skips += 1
-            self._cv.wait(0.002)  # re-check the slack as the arrival rate decays
+            # Re-check every 10 ms as the arrival-rate estimate decays; relax the chunk
+            # estimate (half-life ~0.7 s) so one slow spell cannot starve training.
+            self.timer.relax("chunk", 0.01)
+            self._cv.wait(0.01)
             continue
           self._cv.wait(0.1)
       try:

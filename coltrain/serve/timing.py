@@ -22,11 +22,13 @@ class OnlineTimer:
     self.k_dev = k_dev
     self.cap_devs = cap_devs
     self._stats: dict[Hashable, tuple[float, float, int]] = {}
+    self._floor: dict[Hashable, float] = {}
 
   def update(self, key: Hashable, seconds: float) -> None:
     """Records one measured duration of `key`."""
     if seconds < 0:
       raise ValueError(f"a duration must be >= 0, got {seconds}")
+    self._floor[key] = min(seconds, self._floor.get(key, seconds))
     old = self._stats.get(key)
     if old is None:
       self._stats[key] = (seconds, seconds / 4, 1)  # unknown spread: assume 25%
@@ -39,6 +41,18 @@ class OnlineTimer:
     a = self.alpha
     self._stats[key] = ((1 - a) * mean + a * seconds,
                         (1 - a) * dev + a * abs(seconds - mean), n + 1)
+
+  def relax(self, key: Hashable, fraction: float) -> None:
+    """Moves `key`'s estimate `fraction` of the way back toward the fastest duration
+    seen (mean) and toward zero (deviation). For work that is not run while its
+    estimate is too high: without new samples a stale estimate would never come down,
+    so the caller relaxes it while waiting and eventually probes again."""
+    s = self._stats.get(key)
+    if s is None:
+      return
+    mean, dev, n = s
+    floor = self._floor[key]
+    self._stats[key] = (mean - fraction * (mean - floor), dev * (1 - fraction), n)
 
   def mean(self, key: Hashable) -> Optional[float]:
     s = self._stats.get(key)

@@ -10,9 +10,11 @@ equals a `launch.train` step up to float summation order (tested). Precision pol
 (`numerics.policy`) apply as in `launch.train`; every phase's step is compiled up front.
 
 `run_chunk()` runs `chunk_steps` micro-batches and blocks until they are done. Every
-`publish_every` optimizer steps the new weights are handed to `publish` (a copy: the
-train state's buffers are donated). A non-finite loss or non-finite weights stop training
-for good (`failure` says why); the last published (good) weights keep serving.
+`publish_every` optimizer steps a copy of the weights is taken (the train state's buffers
+are donated) and handed to `publish` after the next chunk, whose first micro-batch is
+computed with exactly those weights, gave finite losses (after the last step of a run:
+once the weights are checked finite). A non-finite loss stops training for good
+(`failure` says why); the last published (good) weights keep serving.
 """
 
 from __future__ import annotations
@@ -71,6 +73,8 @@ class ChunkTrainer:
     self.samples = 0
     self.published_version = 0    # optimizer step of the last published weights
     self.failure: Optional[str] = None
+    self._pending: Optional[Weights] = None  # published once a chunk validates them
+    self._candidate = 0                      # optimizer step of the last copy taken
     self.enabled = True           # paused when False (admin switch)
     self.last_loss = float("nan")
 
@@ -134,23 +138,30 @@ class ChunkTrainer:
     self.samples += n * self.micro_batch
     bad = [x for x in losses if not math.isfinite(x)]
     if bad:
+      self._pending = None
       self.failure = (f"non-finite training loss {bad[0]} at optimizer step {self.opt_steps}"
                       f" (micro-batch {self.micro_steps}); training stopped, serving "
                       f"continues on version {self.published_version}")
       return n * self.micro_batch
     self.last_loss = losses[-1]
-    if (self.opt_steps - self.published_version >= self.publish_every
-        or (self.finished and self.opt_steps > self.published_version)):
-      self._try_publish()
+    if self._pending is not None:  # its weights just gave finite losses: publish them
+      w, self._pending = self._pending, None
+      self.published_version = w.version
+      self._publish(w)
+    if self.opt_steps - max(self.published_version, self._candidate) >= self.publish_every or (
+        self.finished and self.opt_steps > self.published_version):
+      self._candidate = self.opt_steps
+      self._pending = self.weights()   # an asynchronous copy: nothing waits here
+      if self.finished:                # no later chunk will validate it: check it here
+        self._validate_final()
     return n * self.micro_batch
 
-  def _try_publish(self) -> None:
-    finite = jax.tree.reduce(lambda a, b: a & b, jax.tree.map(
-        lambda x: jnp.all(jnp.isfinite(x)), self.state.params), jnp.bool_(True))
-    if not bool(finite):
-      self.failure = (f"non-finite weights at optimizer step {self.opt_steps}; training "
-                      f"stopped, serving continues on version {self.published_version}")
+  def _validate_final(self) -> None:
+    w, self._pending = self._pending, None
+    finite = all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(w.params))
+    if not finite:
+      self.failure = (f"non-finite weights at optimizer step {w.version}; serving "
+                      f"continues on version {self.published_version}")
       return
-    w = self.weights()
     self.published_version = w.version
     self._publish(w)

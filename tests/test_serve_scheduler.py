@@ -1,0 +1,292 @@
+"""Device scheduler, router and online timer logic, with fake device work (no JAX
+compute): batching, inference priority, training only in fitting slack, admission
+control and least-expected-completion-time routing."""
+
+import threading
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from coltrain.serve.metrics import ServeMetrics, parse_metrics
+from coltrain.serve.model import Weights, bucket_for, buckets_up_to
+from coltrain.serve.router import Router, Shed
+from coltrain.serve.scheduler import DeviceScheduler, Pending, clock
+from coltrain.serve.timing import OnlineTimer
+
+SHAPE = (2, 2, 1)
+
+
+class FakePredictor:
+  """Logits row i = [sum of image i, version]; records batch sizes."""
+
+  def __init__(self, max_batch=8, fail_on=None):
+    self.max_batch = max_batch
+    self.buckets = buckets_up_to(max_batch)
+    self.image_shape = SHAPE
+    self.device = jax.devices()[0]
+    self.sizes = []
+    self.log = None
+    self.fail_on = fail_on
+
+  def __call__(self, weights, images):
+    n = images.shape[0]
+    if self.log is not None:
+      self.log.append(("infer", n))
+    self.sizes.append(n)
+    if self.fail_on is not None and n == self.fail_on:
+      raise RuntimeError("boom")
+    s = images.reshape(n, -1).sum(1)
+    return np.stack([s, np.full(n, weights.version, np.float64)], 1)
+
+
+class FakeTrainer:
+  def __init__(self, log):
+    self.log = log
+    self.enabled = True
+    self.failure = None
+    self.opt_steps = 0
+    self.last_loss = 1.0
+    self.calls = 0
+
+  @property
+  def active(self):
+    return self.enabled and self.failure is None
+
+  def warmup(self, runs=3):
+    return [0.001] * runs
+
+  def run_chunk(self):
+    self.calls += 1
+    self.log.append(("chunk", 1))
+    time.sleep(0.001)
+    self.opt_steps += 1
+    return 4
+
+
+def make_sched(index=0, trainer=None, slo=1.0, max_batch=8, max_queue=100, delay=0.0,
+               metrics=None, predictor=None, infer_s=lambda b: 0.001):
+  pred = predictor or FakePredictor(max_batch)
+  s = DeviceScheduler(index, pred, Weights(0, {}, {}), slo_s=slo, max_queue_delay_s=delay,
+                      margin_s=0.0, max_queue=max_queue, metrics=metrics or ServeMetrics(),
+                      trainer=trainer)
+  for b in pred.buckets:
+    s.timer.update(b, infer_s(b))
+  return s, pred
+
+
+def pending(n, value=1.0, deadline=60.0):
+  now = clock()
+  return Pending(images=np.full((n,) + SHAPE, value, np.float32), arrival=now,
+                 deadline=now + deadline)
+
+
+def wait_for(cond, timeout=30.0):
+  end = time.time() + timeout
+  while not cond():
+    if time.time() > end:
+      raise AssertionError("condition not reached in time")
+    time.sleep(0.005)
+
+
+def test_buckets_are_powers_of_two():
+  assert buckets_up_to(8) == (1, 2, 4, 8)
+  assert [bucket_for(n, 8) for n in (1, 2, 3, 5, 8)] == [1, 2, 4, 8, 8]
+  with pytest.raises(ValueError):
+    bucket_for(9, 8)
+
+
+def test_batches_are_fifo_whole_requests_and_results_map_back():
+  s, pred = make_sched(max_batch=8)
+  reqs = [pending(3, value=float(i)) for i in range(5)]
+  for p in reqs:
+    s.submit(p)
+  s.start()
+  try:
+    for p in reqs:
+      assert p.done.wait(30)
+  finally:
+    s.stop()
+  assert pred.sizes == [6, 6, 3]
+  for i, p in enumerate(reqs):
+    assert p.error is None
+    np.testing.assert_allclose(p.result["logits"][:, 0], 4.0 * i)  # 2x2 pixels of value i
+    assert p.result["version"] == 0 and p.result["batch_size"] in (6, 3)
+
+
+def test_inference_runs_before_any_training_chunk_while_requests_wait():
+  log = []
+  trainer = FakeTrainer(log)
+  s, pred = make_sched(trainer=trainer, max_batch=2)
+  pred.log = log
+  reqs = [pending(1) for _ in range(6)]
+  for p in reqs:
+    s.submit(p)
+  s.start()
+  try:
+    wait_for(lambda: trainer.calls >= 3)
+  finally:
+    s.stop()
+  first_chunk = log.index(("chunk", 1))
+  assert [k for k, _ in log[:first_chunk]] == ["infer"] * 3
+  assert all(p.done.is_set() for p in reqs)
+
+
+def test_training_fills_idle_time_and_requests_are_still_served():
+  log = []
+  trainer = FakeTrainer(log)
+  s, _ = make_sched(trainer=trainer)
+  s.start()
+  try:
+    wait_for(lambda: trainer.calls >= 5)
+    p = pending(2)
+    s.submit(p)
+    assert p.done.wait(30) and p.error is None
+    calls = trainer.calls
+    wait_for(lambda: trainer.calls > calls)  # and training resumes afterwards
+  finally:
+    s.stop()
+
+
+def test_a_chunk_that_does_not_fit_the_slack_never_runs():
+  log = []
+  trainer = FakeTrainer(log)
+  s, _ = make_sched(trainer=trainer, slo=0.010)
+  s.timer.update("chunk", 0.050)  # predicted chunk 50 ms > SLO 10 ms
+  assert not s.chunk_fits(clock())
+  s.start()
+  try:
+    wait_for(lambda: s.train_skips >= 5)
+  finally:
+    s.stop()
+  assert trainer.calls == 0
+
+
+def test_chunk_slack_accounts_for_max_chunk_and_arrival_rate():
+  s, _ = make_sched(trainer=FakeTrainer([]), slo=0.010, infer_s=lambda b: 0.0015 * b)
+  s.timer.update("chunk", 0.004)
+  assert s.chunk_fits(clock())
+  s.max_chunk_s = 0.002
+  assert not s.chunk_fits(clock())
+  s.max_chunk_s = 0.0
+  for _ in range(100):  # a high arrival rate: a big batch forms during the chunk
+    s._rate, s._rate_t = 5000.0, clock()
+  assert not s.chunk_fits(clock())
+
+
+def test_paused_or_failed_trainer_does_not_train():
+  log = []
+  trainer = FakeTrainer(log)
+  trainer.enabled = False
+  s, _ = make_sched(trainer=trainer)
+  s.start()
+  try:
+    p = pending(1)
+    s.submit(p)
+    assert p.done.wait(30)
+    time.sleep(0.05)
+    assert trainer.calls == 0
+    trainer.enabled = True
+    wait_for(lambda: trainer.calls >= 1)
+    trainer.failure = "nan"
+    calls = trainer.calls
+    time.sleep(0.05)
+    assert trainer.calls <= calls + 1   # at most the chunk that was already deciding
+  finally:
+    s.stop()
+
+
+def test_a_failing_batch_reports_an_error_and_the_loop_survives():
+  s, pred = make_sched(predictor=FakePredictor(fail_on=3))
+  bad, good = pending(3), pending(1)
+  s.submit(bad)
+  s.start()
+  try:
+    assert bad.done.wait(30)
+    assert "boom" in bad.error
+    s.submit(good)
+    assert good.done.wait(30) and good.error is None
+  finally:
+    s.stop()
+
+
+def test_router_sends_to_the_replica_that_finishes_first():
+  metrics = ServeMetrics()
+  a, _ = make_sched(0, metrics=metrics)
+  b, _ = make_sched(1, metrics=metrics)
+  for _ in range(4):        # replica 0 has a backlog (not started: nothing drains)
+    a.submit(pending(8))
+  r = Router([a, b], metrics, slo_s=1.0, margin_s=0.0)
+  p = r.submit(np.zeros((1,) + SHAPE, np.float32))
+  assert p in b._queue and p not in a._queue
+  assert b.expected_completion(1, clock()) < a.expected_completion(1, clock())
+
+
+def test_router_sheds_requests_that_would_miss_their_deadline():
+  metrics = ServeMetrics()
+  s, _ = make_sched(metrics=metrics, infer_s=lambda b: 0.5)   # 0.5 s per batch...
+  s.submit(pending(8))         # ...and a backlog
+  r = Router([s], metrics, slo_s=0.010, margin_s=0.0)
+  with pytest.raises(Shed) as e:
+    r.submit(np.zeros((1,) + SHAPE, np.float32))
+  assert e.value.reason == "deadline" and e.value.retry_after_s > 0
+  assert "misses the 10.0 ms deadline" in str(e.value)
+  # a longer per-request deadline is admitted
+  p = r.submit(np.zeros((1,) + SHAPE, np.float32), deadline_ms=30_000)
+  assert p in s._queue
+  m = parse_metrics(metrics.render().decode())
+  assert m['coltrain_shed_total{reason="deadline"}'] == 1
+
+
+def test_an_idle_replica_is_never_shed_even_with_pessimistic_timings():
+  metrics = ServeMetrics()
+  s, _ = make_sched(metrics=metrics, infer_s=lambda b: 5.0)
+  r = Router([s], metrics, slo_s=0.010, margin_s=0.0)
+  p = r.submit(np.zeros((1,) + SHAPE, np.float32))
+  assert p in s._queue
+
+
+def test_full_queues_shed():
+  metrics = ServeMetrics()
+  s, _ = make_sched(metrics=metrics, max_queue=2)
+  r = Router([s], metrics, slo_s=10.0, margin_s=0.0)
+  r.submit(np.zeros((1,) + SHAPE, np.float32))
+  r.submit(np.zeros((1,) + SHAPE, np.float32))
+  with pytest.raises(Shed) as e:
+    r.submit(np.zeros((1,) + SHAPE, np.float32))
+  assert e.value.reason == "queue_full"
+
+
+def test_published_weights_serve_the_next_batches_on_every_replica():
+  metrics = ServeMetrics()
+  scheds = [make_sched(i, metrics=metrics)[0] for i in range(2)]
+  r = Router(scheds, metrics, slo_s=1.0, margin_s=0.0)
+  r.publish(Weights(7, {}, {}))
+  assert [s.weights.version for s in scheds] == [7, 7]
+  scheds[1].start()
+  try:
+    p = pending(1)
+    scheds[1].submit(p)
+    assert p.done.wait(30)
+  finally:
+    scheds[1].stop()
+  assert p.result["version"] == 7 and p.result["logits"][0, 1] == 7
+  assert parse_metrics(metrics.render().decode())["coltrain_model_version"] == 7
+
+
+def test_online_timer():
+  t = OnlineTimer(alpha=0.5, k_dev=2.0)
+  assert t.predict("x") is None and t.predict("x", 3.0) == 3.0
+  t.update("x", 1.0)
+  assert t.mean("x") == 1.0 and t.predict("x") == pytest.approx(1.5)
+  t.update("x", 1.0)
+  assert t.mean("x") == 1.0 and t.predict("x") < 1.5
+  before = t.mean("x")
+  t.update("x", 1000.0)   # an outlier is clipped before averaging
+  assert before < t.mean("x") < 2.0
+  for _ in range(60):     # a lasting slowdown is followed
+    t.update("x", 10.0)
+  assert t.mean("x") == pytest.approx(10.0, rel=0.05)
+  with pytest.raises(ValueError):
+    t.update("x", -1.0)

@@ -116,7 +116,11 @@ def _exact_jit(a, b, bits_a, bits_b, *, lhs, rhs, rounding):
     v = jnp.where(nf_a[:, None] | nf_b[None, :], jnp.float32(jnp.nan), v)
     return _bits.ftz(acc + v), None
 
-  acc = jnp.zeros((a2.shape[0], b.shape[1]), jnp.float32)  # +0
+  # +0, built from both operands' bits so that inside shard_map the carry varies over the
+  # same mesh axes as the scanned blocks (a plain jnp.zeros would not, and scan rejects it).
+  zero = jnp.uint32(0)
+  acc = _bits.bits_to_f32((_bits.f32_to_bits(a2[:, :1]) & zero)
+                          | (_bits.f32_to_bits(b[:1, :]) & zero))  # (M, N) of +0
   # unroll=1 on purpose: on XLA CPU unrolling fuses the per-block dots badly (2-4x slower).
   acc, _ = lax.scan(block_step, acc, xs)
   return acc.reshape(lead + (b.shape[1],))

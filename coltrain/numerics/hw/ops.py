@@ -19,6 +19,7 @@ from typing import Optional, Union
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from coltrain.numerics.formats import BFPFormat, parse_format
 from coltrain.numerics.hw.plugin import ROUNDING_CODES, HwPlugin, HwPluginError, load_plugin
@@ -29,6 +30,32 @@ PluginLike = Union[None, str, HwPlugin]
 def get_plugin(plugin: PluginLike = None) -> HwPlugin:
   """An HwPlugin from a path, a loaded plugin, or None (COLTRAIN_HW_PLUGIN / built-in)."""
   return plugin if isinstance(plugin, HwPlugin) else load_plugin(plugin or None)
+
+
+def _varying(x) -> frozenset:
+  t = getattr(jax.typeof(x), "manual_axis_type", None)
+  return frozenset(t.varying) if t is not None else frozenset()
+
+
+def _call(target: str, results, *args, **attrs):
+  """jax.ffi.ffi_call that also works inside shard_map: every operand is made varying
+  over the union of the operands' varying mesh axes, and so are the results (an FFI
+  call's results otherwise count as invariant, which custom VJPs and scans reject)."""
+  single = not isinstance(results, (tuple, list))
+  results = (results,) if single else tuple(results)
+  vary = frozenset().union(*(_varying(a) for a in args))
+  if vary:
+    args = tuple(a if _varying(a) == vary
+                 else lax.pcast(a, tuple(sorted(vary - _varying(a))), to="varying")
+                 for a in args)
+    aval = jax.typeof(args[0])
+    sharding = jax.sharding.NamedSharding(aval.sharding.mesh, jax.sharding.PartitionSpec())
+    results = tuple(jax.ShapeDtypeStruct(r.shape, r.dtype, sharding=sharding,
+                                         manual_axis_type=aval.manual_axis_type)
+                    for r in results)
+  call = jax.ffi.ffi_call(target, results[0] if single else results,
+                          vmap_method="broadcast_all")
+  return call(*args, **attrs)
 
 
 def _no_bits():
@@ -77,13 +104,12 @@ def gemm(a: jax.Array, b: jax.Array, lhs, rhs, *, rounding: str = "nearest_even"
   m, k = a.shape
   n = b.shape[1]
   p.check_gemm(lhs, rhs, m, k, n, rounding)
-  call = jax.ffi.ffi_call(p.target("gemm"), jax.ShapeDtypeStruct((m, n), jnp.float32),
-                          vmap_method="broadcast_all")
-  return call(a, b, _bits_or_empty(bits_a, a, rounding, "hw gemm a"),
-              _bits_or_empty(bits_b, b, rounding, "hw gemm b"),
-              lhs_mantissa_bits=np.int32(lhs.mantissa_bits),
-              rhs_mantissa_bits=np.int32(rhs.mantissa_bits),
-              block=np.int32(lhs.block_size), rounding=np.int32(ROUNDING_CODES[rounding]))
+  return _call(p.target("gemm"), jax.ShapeDtypeStruct((m, n), jnp.float32),
+               a, b, _bits_or_empty(bits_a, a, rounding, "hw gemm a"),
+               _bits_or_empty(bits_b, b, rounding, "hw gemm b"),
+               lhs_mantissa_bits=np.int32(lhs.mantissa_bits),
+               rhs_mantissa_bits=np.int32(rhs.mantissa_bits),
+               block=np.int32(lhs.block_size), rounding=np.int32(ROUNDING_CODES[rounding]))
 
 
 def quantize(x: jax.Array, fmt, *, rounding: str = "nearest_even",
@@ -96,11 +122,10 @@ def quantize(x: jax.Array, fmt, *, rounding: str = "nearest_even",
     raise HwPluginError("hw quantize needs an array of rank >= 1")
   p.check_format(fmt, "quantize", rounding)
   p.check_elements("quantize", x.size)
-  call = jax.ffi.ffi_call(p.target("quantize"), jax.ShapeDtypeStruct(x.shape, jnp.float32),
-                          vmap_method="broadcast_all")
-  return call(x, _bits_or_empty(random_bits, x, rounding, "hw quantize"),
-              mantissa_bits=np.int32(fmt.mantissa_bits), block=np.int32(fmt.block_size),
-              rounding=np.int32(ROUNDING_CODES[rounding]))
+  return _call(p.target("quantize"), jax.ShapeDtypeStruct(x.shape, jnp.float32),
+               x, _bits_or_empty(random_bits, x, rounding, "hw quantize"),
+               mantissa_bits=np.int32(fmt.mantissa_bits), block=np.int32(fmt.block_size),
+               rounding=np.int32(ROUNDING_CODES[rounding]))
 
 
 def mantissa_dtype(fmt: BFPFormat):
@@ -121,13 +146,12 @@ def pack(x: jax.Array, fmt, *, rounding: str = "nearest_even",
   p.check_format(fmt, "pack", rounding)
   p.check_elements("pack", x.size)
   nb = -(-x.shape[-1] // fmt.block_size)
-  call = jax.ffi.ffi_call(p.target("pack"),
-                          (jax.ShapeDtypeStruct(x.shape, mantissa_dtype(fmt)),
-                           jax.ShapeDtypeStruct(x.shape[:-1] + (nb,), jnp.int8)),
-                          vmap_method="broadcast_all")
-  return call(x, _bits_or_empty(random_bits, x, rounding, "hw pack"),
-              mantissa_bits=np.int32(fmt.mantissa_bits), block=np.int32(fmt.block_size),
-              rounding=np.int32(ROUNDING_CODES[rounding]))
+  return _call(p.target("pack"),
+               (jax.ShapeDtypeStruct(x.shape, mantissa_dtype(fmt)),
+                jax.ShapeDtypeStruct(x.shape[:-1] + (nb,), jnp.int8)),
+               x, _bits_or_empty(random_bits, x, rounding, "hw pack"),
+               mantissa_bits=np.int32(fmt.mantissa_bits), block=np.int32(fmt.block_size),
+               rounding=np.int32(ROUNDING_CODES[rounding]))
 
 
 def unpack(mantissas: jax.Array, exponents: jax.Array, fmt, *,
@@ -146,10 +170,8 @@ def unpack(mantissas: jax.Array, exponents: jax.Array, fmt, *,
                         f"{mantissas.shape[:-1] + (nb,)}")
   p.check_format(fmt, "unpack")
   p.check_elements("unpack", mantissas.size)
-  call = jax.ffi.ffi_call(p.target("unpack"),
-                          jax.ShapeDtypeStruct(mantissas.shape, jnp.float32),
-                          vmap_method="broadcast_all")
-  return call(mantissas, exponents, mantissa_bits=np.int32(fmt.mantissa_bits),
+  return _call(p.target("unpack"), jax.ShapeDtypeStruct(mantissas.shape, jnp.float32),
+               mantissas, exponents, mantissa_bits=np.int32(fmt.mantissa_bits),
               block=np.int32(fmt.block_size))
 
 
@@ -163,7 +185,5 @@ def top_k(x: jax.Array, k: int, *, plugin: PluginLike = None):
     raise HwPluginError(f"hw top_k needs 1 <= k <= row length; got k={k}, shape {x.shape}")
   p.check_elements("top_k", x.size)
   out = x.shape[:-1] + (int(k),)
-  call = jax.ffi.ffi_call(p.target("top_k"), (jax.ShapeDtypeStruct(out, jnp.int32),
-                                              jax.ShapeDtypeStruct(out, jnp.float32)),
-                          vmap_method="broadcast_all")
-  return call(x)
+  return _call(p.target("top_k"), (jax.ShapeDtypeStruct(out, jnp.int32),
+                                     jax.ShapeDtypeStruct(out, jnp.float32)), x)

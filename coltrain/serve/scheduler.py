@@ -129,14 +129,27 @@ class DeviceScheduler:
     self.weights = weights.to_device(self.predictor.device)
 
   # -- predictions -----------------------------------------------------------------------
+  def bucket_time(self, b: int) -> float:
+    """Predicted device time of bucket b: its own estimate, capped by any smaller
+    bucket's estimate scaled linearly (a bigger batch never costs more per image), so
+    a rarely used bucket's stale estimate cannot outweigh fresh ones."""
+    best = self.timer.predict(b, math.inf)
+    for small in self.predictor.buckets:
+      if small >= b:
+        break
+      t = self.timer.predict(small)
+      if t is not None:
+        best = min(best, t * b / small)
+    return 0.0 if best == math.inf else best
+
   def batch_time(self, n: int) -> float:
     """Predicted device time of a batch of n images (n > max_batch: several batches)."""
     if n <= 0:
       return 0.0
     full, rem = divmod(n, self.max_batch)
-    t = full * self.timer.predict(self.max_batch, 0.0)
+    t = full * self.bucket_time(self.max_batch)
     if rem:
-      t += self.timer.predict(bucket_for(rem, self.max_batch), 0.0)
+      t += self.bucket_time(bucket_for(rem, self.max_batch))
     return t
 
   def arrival_rate(self, now: float) -> float:
@@ -255,7 +268,11 @@ class DeviceScheduler:
     logits = self.predictor(weights, images)
     t1 = clock()
     dt = t1 - t0
-    self.timer.update(bucket_for(n, self.max_batch), dt)
+    b = bucket_for(n, self.max_batch)
+    self.timer.update(b, dt)
+    for other in self.predictor.buckets:   # estimates not sampled now slowly relax
+      if other != b:
+        self.timer.relax(other, 0.002)
     m = self.metrics
     self._busy_metric.inc(dt)
     m.compute_seconds.observe(dt)

@@ -17,7 +17,7 @@ drifts of a shared machine from favouring one of them.
 Steps: (1) SLO = 5 x the median latency of sequential batch-1 requests to a fresh
 inference-only server (unless --slo_ms); (2) capacity = the best goodput (requests/s
 served within the SLO) of a closed loop at 1, 2, 4 or 8 concurrent clients on (A);
-(3) B's training samples/s; (4) for each rho in {0.1, 0.3, 0.5, 0.7, 0.9}: open-loop
+(3) B's training samples/s (before and after the sweep; their mean is used); (4) for each rho in {0.1, 0.3, 0.5, 0.7, 0.9}: open-loop
 Poisson load at rho x capacity on A, C and D (and bursty Gamma CV 2 load on A and D);
 (5) overload at rho = 1.5 on D; (6) 1,000 malformed requests, then a health check and a
 valid request. Training throughput is the servers' `coltrain_train_samples_total` rate
@@ -300,18 +300,21 @@ def main(argv=None) -> int:
     results["capacity"] = {"rps": capacity, "closed_loop": cap}
     log(f"capacity {capacity:.0f} req/s")
 
-    # (3) B: training only
-    S.training(True)
-    time.sleep(1.0)
-    t0 = time.time()
-    time.sleep(duration)
-    t1 = time.time()
-    S.training(False)
-    b_sps = poll.rate("S:coltrain_train_samples_total", t0, t1)
-    results["B"] = {"train_samples_per_s": b_sps, "window_s": t1 - t0}
-    note_load("B")
-    log(f"B: {b_sps:.0f} training samples/s")
-    time.sleep(0.5)
+    # (3) B: training only (measured again at the end; the mean is used)
+    def measure_b(tag: str) -> float:
+      S.training(True)
+      time.sleep(1.0)
+      t0 = time.time()
+      time.sleep(duration)
+      t1 = time.time()
+      S.training(False)
+      sps = poll.rate("S:coltrain_train_samples_total", t0, t1)
+      note_load(f"B {tag}")
+      log(f"B ({tag}): {sps:.0f} training samples/s")
+      time.sleep(0.5)
+      return sps
+
+    b_runs = [measure_b("before")]
 
     def point(cfg: str, rho: float, arrival: str) -> dict:
       S.training(cfg == "D")
@@ -350,6 +353,9 @@ def main(argv=None) -> int:
           results["points"].append(point(cfg, rho, "gamma"))
       note_load(f"rho={rho}")
 
+    b_runs.append(measure_b("after"))
+    results["B"] = {"train_samples_per_s": float(np.mean(b_runs)), "runs": b_runs,
+                    "window_s": duration}
     # (5) overload
     results["overload"] = [point("D", OVERLOAD_RHO, "poisson"),
                            point("A", OVERLOAD_RHO, "poisson")]

@@ -174,15 +174,26 @@ class Handler(BaseHTTPRequestHandler):
       app.set_training(obj["enabled"])
       return self._send(200, app.training_status())
     if len(parts) == 4 and parts[:2] == ["v2", "models"] and parts[3] == "infer":
-      body = self._read_body()
-      if body is None:
-        app.metrics.requests.labels(code="400").inc()
-        return
-      if parts[2] != app.model_name:
-        app.metrics.requests.labels(code="404").inc()
-        return self._error(404, f"unknown model '{parts[2]}'; this server serves "
-                                f"'{app.model_name}'")
-      return self._infer(app, body, arrival)
+      app.router.receiving(+1)
+      pending = [True]
+
+      def received():
+        if pending:
+          pending.clear()
+          app.router.receiving(-1)
+
+      try:
+        body = self._read_body()
+        if body is None:
+          app.metrics.requests.labels(code="400").inc()
+          return
+        if parts[2] != app.model_name:
+          app.metrics.requests.labels(code="404").inc()
+          return self._error(404, f"unknown model '{parts[2]}'; this server serves "
+                                  f"'{app.model_name}'")
+        return self._infer(app, body, arrival, received)
+      finally:
+        received()
     if len(parts) in (3, 4) and parts[:2] == ["v2", "models"] or path in (
         "/v2/health/live", "/v2/health/ready", "/v2", "/metrics"):
       self._read_body()
@@ -190,12 +201,13 @@ class Handler(BaseHTTPRequestHandler):
     self._read_body()
     return self._error(404, f"no such endpoint: POST {path}")
 
-  def _infer(self, app: "Server", body: bytes, arrival: float) -> None:
+  def _infer(self, app: "Server", body: bytes, arrival: float, received) -> None:
     m = app.metrics
     try:
       req = parse_infer_request(body, image_shape=app.image_shape,
                                 max_images=app.max_batch)
     except ProtocolError as e:
+      received()
       m.requests.labels(code="400").inc()
       return self._error(400, str(e))
     try:
@@ -203,6 +215,8 @@ class Handler(BaseHTTPRequestHandler):
     except Shed as e:
       m.requests.labels(code="503").inc()
       return self._error(503, str(e), {"Retry-After": str(max(1, math.ceil(e.retry_after_s)))})
+    finally:
+      received()   # queued (or refused): no longer incoming
     if not pending.done.wait(timeout=max(pending.deadline - clock(), 0) + 60.0):
       m.requests.labels(code="504").inc()
       return self._error(504, "inference timed out")

@@ -44,6 +44,18 @@ class Router:
     self.slo_s = slo_s
     self.margin_s = margin_s
     self._lock = threading.Lock()
+    self._incoming = 0   # requests the HTTP layer is receiving (not yet submitted)
+    for s in self.schedulers:
+      s.incoming = self.incoming
+
+  def incoming(self) -> int:
+    return self._incoming
+
+  def receiving(self, delta: int) -> None:
+    """The HTTP layer started (+1) or finished (-1) receiving an inference request;
+    schedulers do not start a training chunk while one is being received."""
+    with self._lock:
+      self._incoming += delta
 
   def submit(self, images: np.ndarray, *, arrival: Optional[float] = None,
              deadline_ms: Optional[float] = None) -> Pending:

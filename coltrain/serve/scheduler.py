@@ -7,7 +7,8 @@
    oldest request has waited less than `max_queue_delay` and the earliest deadline still
    leaves room for the predicted batch time; then it runs the batch (padded to its
    power-of-two bucket) on the current weights and completes the requests.
-2. **Training in the slack.** With nothing queued, it runs one training chunk (see
+2. **Training in the slack.** With nothing queued and no request being received, it
+   runs one training chunk (see
    `ChunkTrainer`) only if the chunk's predicted time fits the slack: a request that
    arrives just after the chunk starts waits for it, so the chunk plus the predicted time
    of the batch that will have formed meanwhile (from the measured arrival rate) plus the
@@ -82,6 +83,7 @@ class DeviceScheduler:
     self._stopped = False
     self._thread: Optional[threading.Thread] = None
     self.train_skips = 0     # idle moments when the chunk did not fit the slack
+    self.incoming = lambda: 0  # requests being received/parsed (set by the server)
     self._busy_metric = metrics.inference_busy.labels(replica=str(index))
 
   # -- set-up ----------------------------------------------------------------------------
@@ -232,6 +234,9 @@ class DeviceScheduler:
             self._cv.wait(wait)
             continue
           if self.trainer is not None and self.trainer.active:
+            if self.incoming():   # a request is being parsed: it will be queued soon
+              self._cv.wait(0.0005)
+              continue
             if self.chunk_fits(now):
               train = True
               self._busy_until = now + (self.timer.predict("chunk") or 0.0)

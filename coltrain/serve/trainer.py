@@ -3,9 +3,9 @@
 `ChunkTrainer` trains the served model with `coltrain.train.make_train_step` (the same
 pure step `train_and_evaluate` jits) over micro-batches: the optimizer is wrapped in
 `optax.MultiSteps`, so `batch_size / micro_batch_size` consecutive micro-batches
-accumulate their gradients into one optimizer step. The micro-batch stream is
-`coltrain.data.train_batches` cut at `micro_batch_size`, so consecutive micro-batches
-together are exactly the global batches `launch.train` would see, and an optimizer step
+accumulate their gradients into one optimizer step. The micro-batches are slices of
+`coltrain.data.train_batches`' global batches, exactly the batches `launch.train` would
+see, so an optimizer step
 equals a `launch.train` step up to float summation order (tested). Precision policies
 (`numerics.policy`) apply as in `launch.train`; every phase's step is compiled up front.
 
@@ -59,9 +59,11 @@ class ChunkTrainer:
     self.state = jax.device_put(state, device)
     self.device = device
     self.image_shape = tuple(spec.image_shape)
-    self._batches = train_batches(train_source, global_batch_size=self.micro_batch,
+    # Whole global batches (one grain call per optimizer step, not per micro-batch: less
+    # Python on the serving host), cut into micro-batches by slicing.
+    self._batches = train_batches(train_source, global_batch_size=config.batch_size,
                                   seed=config.seed)
-    self._next = next(self._batches)  # start the pipeline now, not in the first chunk
+    self._global = next(self._batches)  # start the pipeline now, not in the first chunk
     batch = {"image": jax.ShapeDtypeStruct((self.micro_batch,) + spec.image_shape, np.uint8),
              "label": jax.ShapeDtypeStruct((self.micro_batch,), np.int32)}
     num_phases = numerics.num_phases if numerics is not None else 1
@@ -130,10 +132,14 @@ class ChunkTrainer:
     losses = []
     for _ in range(n):
       fn = self._steps[self.phase_at(self.opt_steps)]
-      self.state, metrics = fn(self.state, self._next)  # dispatched asynchronously:
-      self._next = next(self._batches)                  # fetch the next batch meanwhile
+      j = self.micro_steps % self.accumulate
+      m = self.micro_batch
+      micro = {k: v[j * m:(j + 1) * m] for k, v in self._global.items()}
+      self.state, metrics = fn(self.state, micro)   # dispatched asynchronously
       losses.append(metrics["loss"])
       self.micro_steps += 1
+      if j == self.accumulate - 1:
+        self._global = next(self._batches)          # fetched while the step runs
     losses = [float(x) for x in jax.device_get(losses)]
     self.samples += n * self.micro_batch
     bad = [x for x in losses if not math.isfinite(x)]

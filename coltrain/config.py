@@ -183,14 +183,14 @@ def _check_hw_backend(c: ml_collections.ConfigDict, problems: list[str]) -> bool
   except HwPluginError as e:
     problems.append(f"'numerics.hw_plugin': {e}")
     return False
-  from coltrain.comm.compressors import _check_backend, is_bfp_name
+  from coltrain.comm.compressors import check_compressor_backend, is_bfp_name
   from coltrain.numerics.formats import parse_format
   name = c.comm.compressor
   try:
     if name == "top_k":
-      _check_backend("hw", c.numerics.hw_plugin, "top_k")
+      check_compressor_backend("hw", c.numerics.hw_plugin, "top_k")
     elif is_bfp_name(name):
-      _check_backend("hw", c.numerics.hw_plugin, "bfp", parse_format(name))
+      check_compressor_backend("hw", c.numerics.hw_plugin, "bfp", parse_format(name))
   except ValueError as e:
     problems.append(f"'comm.compressor' on the hw backend: {e}")
   return True

@@ -203,7 +203,7 @@ def top_k(ratio: float, backend: str = "jax", hw_plugin: str = "") -> Compressor
   """
   if not 0 < ratio <= 1:
     raise ValueError(f"top_k ratio must be in (0, 1], got {ratio}")
-  _check_backend(backend, hw_plugin, "top_k")
+  check_compressor_backend(backend, hw_plugin, "top_k")
 
   def encode(x, s, key):
     flat = x.reshape(-1)
@@ -456,7 +456,7 @@ def bfp(fmt, rounding: str = "nearest_even", backend: str = "jax",
   fmt = parse_format(fmt)
   if not isinstance(fmt, BFPFormat):
     raise ValueError(f"bfp compressor needs a bfp format (bfp{{m}}_b{{b}}, mxint8), got {fmt}")
-  _check_backend(backend, hw_plugin, "bfp", fmt, rounding)
+  check_compressor_backend(backend, hw_plugin, "bfp", fmt, rounding)
 
   def encode(x, s, key):
     return bfp_pack(x, fmt, rounding=rounding, key=key, backend=backend,
@@ -503,7 +503,7 @@ def is_bfp_name(name: str) -> bool:
     return False
 
 
-def _check_backend(backend: str, hw_plugin: str, what: str, fmt=None,
+def check_compressor_backend(backend: str, hw_plugin: str, what: str, fmt=None,
                    rounding: str = "nearest_even") -> None:
   """Validates a compressor backend; "hw" loads the plugin and checks it can do `what`."""
   if backend not in ("jax", "hw"):

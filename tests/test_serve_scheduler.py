@@ -290,3 +290,22 @@ def test_online_timer():
   assert t.mean("x") == pytest.approx(10.0, rel=0.05)
   with pytest.raises(ValueError):
     t.update("x", -1.0)
+
+
+def test_stale_estimates_relax_so_training_resumes():
+  log = []
+  trainer = FakeTrainer(log)
+  s, _ = make_sched(trainer=trainer, slo=0.010, infer_s=lambda b: 0.0005 * b)
+  s.timer.update("chunk", 0.001)      # the fastest chunk seen...
+  for b in s.predictor.buckets:       # ...then a slow spell inflated every estimate
+    for _ in range(30):
+      s.timer.update(b, 0.2)
+  for _ in range(30):
+    s.timer.update("chunk", 0.2)
+  assert not s.chunk_fits(clock())
+  s.start()
+  try:
+    wait_for(lambda: trainer.calls >= 1)
+  finally:
+    s.stop()
+  assert s.train_skips > 0

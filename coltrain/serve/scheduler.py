@@ -242,9 +242,10 @@ class DeviceScheduler:
               self._busy_until = now + (self.timer.predict("chunk") or 0.0)
               break
             self.train_skips += 1
-            # Re-check every 10 ms as the arrival-rate estimate decays; relax the chunk
-            # estimate (half-life ~0.7 s) so one slow spell cannot starve training.
-            self.timer.relax("chunk", 0.01)
+            # Re-check every 10 ms as the arrival-rate estimate decays; relax the
+            # estimates that decide (chunk and batch times, half-life ~0.7 s: they are
+            # not being sampled now) so one slow spell cannot starve training.
+            self.timer.relax_all(0.01)
             self._cv.wait(0.01)
             continue
           self._cv.wait(0.1)

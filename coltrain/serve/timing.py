@@ -54,6 +54,11 @@ class OnlineTimer:
     floor = self._floor[key]
     self._stats[key] = (mean - fraction * (mean - floor), dev * (1 - fraction), n)
 
+  def relax_all(self, fraction: float) -> None:
+    """`relax` for every key."""
+    for key in list(self._stats):
+      self.relax(key, fraction)
+
   def mean(self, key: Hashable) -> Optional[float]:
     s = self._stats.get(key)
     return None if s is None else s[0]

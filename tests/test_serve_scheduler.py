@@ -309,3 +309,14 @@ def test_stale_estimates_relax_so_training_resumes():
   finally:
     s.stop()
   assert s.train_skips > 0
+
+
+def test_precheck_refuses_hopeless_requests_before_they_are_parsed():
+  metrics = ServeMetrics()
+  s, _ = make_sched(metrics=metrics, infer_s=lambda b: 0.5)
+  r = Router([s], metrics, slo_s=0.010, margin_s=0.0)
+  r.precheck(clock())            # idle: never refused
+  s.submit(pending(8))           # a backlog of 0.5 s
+  with pytest.raises(Shed) as e:
+    r.precheck(clock())
+  assert e.value.reason == "deadline"

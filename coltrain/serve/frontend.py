@@ -203,6 +203,14 @@ class Handler(BaseHTTPRequestHandler):
 
   def _infer(self, app: "Server", body: bytes, arrival: float, received) -> None:
     m = app.metrics
+    if b'"deadline_ms"' not in body:  # default deadline: refuse before parsing if hopeless
+      try:
+        app.router.precheck(arrival)
+      except Shed as e:
+        received()
+        m.requests.labels(code="503").inc()
+        return self._error(503, str(e),
+                           {"Retry-After": str(max(1, math.ceil(e.retry_after_s)))})
     try:
       req = parse_infer_request(body, image_shape=app.image_shape,
                                 max_images=app.max_batch)

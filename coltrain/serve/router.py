@@ -57,6 +57,38 @@ class Router:
     with self._lock:
       self._incoming += delta
 
+  def _best(self, n: int, now: float):
+    """(replica, predicted completion) of the replica finishing n images first, or
+    (None, inf) if every queue is full."""
+    best, best_t = None, math.inf
+    for s in self.schedulers:
+      if s.queue_full():
+        continue
+      t = s.expected_completion(n, now)
+      if t < best_t:
+        best, best_t = s, t
+    return best, best_t
+
+  def _check(self, best, best_t: float, now: float, arrival: float, deadline: float,
+             budget: float) -> None:
+    if best is None:
+      self.metrics.shed.labels(reason="queue_full").inc()
+      raise Shed("queue_full", 1.0, "every replica's queue is full; retry later")
+    if best_t > deadline - self.margin_s and not best.idle(now):
+      self.metrics.shed.labels(reason="deadline").inc()
+      late = best_t - (deadline - self.margin_s)
+      raise Shed("deadline", max(late, best_t - now),
+                 f"overloaded: predicted completion in {1e3 * (best_t - arrival):.1f} ms "
+                 f"misses the {1e3 * budget:.1f} ms deadline; retry later")
+
+  def precheck(self, arrival: float) -> None:
+    """Raises `Shed` if even one image arriving at `arrival` with the default deadline
+    (the SLO) would miss it: lets the HTTP layer refuse a request before parsing it,
+    so that refusing stays cheap when the front end itself is overloaded."""
+    now = clock()
+    best, best_t = self._best(1, now)
+    self._check(best, best_t, now, arrival, arrival + self.slo_s, self.slo_s)
+
   def submit(self, images: np.ndarray, *, arrival: Optional[float] = None,
              deadline_ms: Optional[float] = None) -> Pending:
     """Admits and queues `images` (n, H, W, C) float32, or raises `Shed`."""
@@ -66,22 +98,8 @@ class Router:
     deadline = arrival + budget
     n = int(images.shape[0])
     with self._lock:
-      best, best_t = None, math.inf
-      for s in self.schedulers:
-        if s.queue_full():
-          continue
-        t = s.expected_completion(n, now)
-        if t < best_t:
-          best, best_t = s, t
-      if best is None:
-        self.metrics.shed.labels(reason="queue_full").inc()
-        raise Shed("queue_full", 1.0, "every replica's queue is full; retry later")
-      if best_t > deadline - self.margin_s and not best.idle(now):
-        self.metrics.shed.labels(reason="deadline").inc()
-        late = best_t - (deadline - self.margin_s)
-        raise Shed("deadline", max(late, best_t - now),
-                   f"overloaded: predicted completion in {1e3 * (best_t - arrival):.1f} ms "
-                   f"misses the {1e3 * budget:.1f} ms deadline; retry later")
+      best, best_t = self._best(n, now)
+      self._check(best, best_t, now, arrival, deadline, budget)
       p = Pending(images=images, arrival=arrival, deadline=deadline)
       best.submit(p)
     return p

@@ -185,8 +185,8 @@ def test_short_last_block_and_k_not_multiple():
 def test_empty_shapes():
   for lead, k, n in [((2,), 0, 3), ((0,), 5, 3), ((2, 0), 5, 3), ((2,), 5, 0)]:
     a, b = jnp.ones(lead + (k,), jnp.float32), jnp.ones((k, n), jnp.float32)
-    for datapath in ("exact", "fake"):
-      got = matmul(a, b, lhs="bfp8_b4", rhs="bfp8_b4", datapath=datapath)
+    for datapath, backend in (("exact", "jax"), ("fake", "jax"), ("exact", "hw")):
+      got = matmul(a, b, lhs="bfp8_b4", rhs="bfp8_b4", datapath=datapath, backend=backend)
       assert got.shape == lead + (n,) and np.all(np.asarray(got) == 0)
 
 
@@ -258,8 +258,10 @@ def test_overflow_rejection():
 
 def test_argument_errors():
   a, b = jnp.ones((2, 8), jnp.float32), jnp.ones((8, 3), jnp.float32)
-  with pytest.raises(ValueError, match="plug in here"):
-    matmul(a, b, lhs="bfp8_b4", rhs="bfp8_b4", backend="hw")
+  with pytest.raises(ValueError, match="unknown matmul backend 'tpu'"):
+    matmul(a, b, lhs="bfp8_b4", rhs="bfp8_b4", backend="tpu")
+  with pytest.raises(ValueError, match="backend='hw' runs the exact datapath"):
+    matmul(a, b, lhs="bfp8_b4", rhs="bfp8_b4", datapath="fake", backend="hw")
   with pytest.raises(ValueError, match="datapath"):
     matmul(a, b, lhs="bfp8_b4", rhs="bfp8_b4", datapath="approx")
   with pytest.raises(ValueError, match="bfp formats"):

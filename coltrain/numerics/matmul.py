@@ -92,6 +92,8 @@ def _block_product(qa: jax.Array, qb: jax.Array) -> jax.Array:
 def _exact_jit(a, b, bits_a, bits_b, *, lhs, rhs, rounding):
   k_len = a.shape[-1]
   lead = a.shape[:-1]
+  if k_len == 0:  # no blocks: the accumulator stays +0
+    return jnp.zeros(lead + (b.shape[1],), jnp.float32)
   bs = lhs.block_size
   rows = math.prod(lead)
   a2 = a.reshape(rows, k_len)
@@ -220,8 +222,8 @@ def _exact_hw(a, b, bits_a, bits_b, lhs, rhs, rounding, hw_plugin):
   """The exact datapath as the plugin's "gemm" custom call; a's leading dims become rows."""
   from coltrain.numerics.hw import ops as hw_ops  # loads the plugin library on first use
   lead, k = a.shape[:-1], a.shape[-1]
-  rows = a.reshape(-1, k)
-  bits_rows = None if bits_a is None else bits_a.reshape(-1, k)
+  rows = a.reshape(math.prod(lead), k)
+  bits_rows = None if bits_a is None else bits_a.reshape(rows.shape)
   c = hw_ops.gemm(rows, b, lhs, rhs, rounding=rounding, bits_a=bits_rows, bits_b=bits_b,
                   plugin=hw_plugin)
   return c.reshape(lead + (b.shape[1],))

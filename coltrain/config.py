@@ -72,9 +72,11 @@ def _flatten(cfg: ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]
   return out
 
 
-def unknown_override_keys(argv: list[str], flag: str = "config") -> list[str]:
-  """Problems with `--config.KEY=VALUE` command-line overrides naming unknown keys."""
-  schema = _flatten(base_config())
+def unknown_override_keys(argv: list[str], flag: str = "config",
+                          extra_keys: tuple[str, ...] = ()) -> list[str]:
+  """Problems with `--config.KEY=VALUE` command-line overrides naming unknown keys (keys
+  of `base_config()`, plus `extra_keys` for schemas that extend it)."""
+  schema = set(_flatten(base_config())) | set(extra_keys)
   problems = []
   prefix = f"--{flag}."
   for arg in argv:

@@ -72,16 +72,9 @@ def main(argv):
 
 def parse_flags(argv: list[str]) -> list[str]:
   """absl flag parsing, with unknown `--config.KEY` overrides reported clearly."""
+  from launch.cli import flags_parser
   from coltrain.serve.config import unknown_serve_override_keys
-  problems = unknown_serve_override_keys(argv[1:])
-  if problems:
-    print("coltrain-serve: " + "\n  ".join(problems), file=sys.stderr)
-    sys.exit(2)
-  try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:
-    print(f"coltrain-serve: {e}\nSee --helpfull for the flags.", file=sys.stderr)
-    sys.exit(2)
+  return flags_parser("coltrain-serve", unknown_serve_override_keys)(argv)
 
 
 if __name__ == "__main__":

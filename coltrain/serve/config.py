@@ -13,7 +13,8 @@ from typing import Any
 
 import ml_collections
 
-from coltrain.config import ConfigError, _flatten, _type_ok, base_config, validate
+from coltrain.config import (ConfigError, _type_ok, base_config,
+                             unknown_override_keys, validate)
 
 SERVE_DEFAULTS: dict[str, Any] = {
     "model_name": "",           # served name ("" = the config's `model`)
@@ -114,14 +115,4 @@ def validate_serve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
 
 def unknown_serve_override_keys(argv: list[str], flag: str = "config") -> list[str]:
   """Problems with `--config.KEY=VALUE` overrides naming keys outside the serving schema."""
-  schema = set(_flatten(base_config())) | {f"serve.{k}" for k in SERVE_DEFAULTS}
-  problems = []
-  prefix = f"--{flag}."
-  for arg in argv:
-    if arg.startswith(prefix):
-      key = arg[len(prefix):].split("=", 1)[0]
-      if key not in schema:
-        hint = difflib.get_close_matches(key, schema, n=1, cutoff=0.75)
-        problems.append(f"unknown config key '{key}' in '{arg}'" +
-                        (f" (did you mean '{hint[0]}'?)" if hint else ""))
-  return problems
+  return unknown_override_keys(argv, flag, tuple(f"serve.{k}" for k in SERVE_DEFAULTS))

@@ -15,7 +15,8 @@ Hybrid (HBFP) training:
 
 Modules: formats (names), bits (exact float32 bit helpers), blocking (block layout),
 rounding (rounding modes as integer ops), bfp / mx (blocked encoders), quantize (public
-quantizers), matmul (exact HBFP GEMM datapath and the fake-quantized path).
+quantizers), matmul (exact HBFP GEMM datapath and the fake-quantized path), hw (the
+hardware backend: plugins from hw/ and their XLA custom calls, backend="hw").
 """
 
 from coltrain.numerics.bfp import BFPBlocks

@@ -211,7 +211,10 @@ def test_kill_one_process_survivors_stop_and_relaunch_resumes_exactly(
   assert m, log[-3000:]
   assert float(m.group(2)) < 60 and elapsed < 60
   assert "did not stop" not in log  # not killed by the launcher
-  assert "another task died" in log  # jax.distributed's reason, in process 0's output
+  # Process 0's own reason: either its next collective fails at once (gloo: connection
+  # closed, reported by coltrain) or jax.distributed's heartbeat declares the peer dead.
+  assert ("the process group failed" in log and "A peer probably died" in log
+          or "another task died" in log), log[-6000:]
   assert "rerun the same command to resume" in log
   assert all(_dead(pid) for pid in pids.values())
   stopped_at = Checkpointer(str(ckpts)).latest_step()

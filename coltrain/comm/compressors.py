@@ -63,7 +63,7 @@ import numpy as np
 from jax import lax
 
 from coltrain.numerics.formats import BFPFormat, parse_format
-from coltrain.numerics.bfp import BFPBlocks
+from coltrain.numerics.bfp import BFPBlocks, mantissa_dtype
 from coltrain.numerics.quantize import bfp_decode, bfp_encode
 
 PyTree = Any
@@ -391,10 +391,6 @@ def powersgd(rank: int, seed: int = 0) -> Compressor:
 
 # bfp ----------------------------------------------------------------------------------
 
-def bfp_storage_dtype(fmt: BFPFormat):
-  return {8: jnp.int8, 16: jnp.int16, 32: jnp.int32}[fmt.storage_bits]
-
-
 NONFINITE_EXPONENT = -128
 
 
@@ -423,7 +419,7 @@ def bfp_pack(x: jax.Array, fmt, *, rounding: str = "nearest_even",
                       key=key if rounding == "stochastic" else None)
   mant = blocks.mantissas.reshape(blocks.mantissas.shape[:-2] + (-1,))[..., :length]
   exps = jnp.where(blocks.nonfinite, NONFINITE_EXPONENT, blocks.exponents)
-  return {"mantissas": mant.astype(bfp_storage_dtype(fmt)), "exponents": exps.astype(jnp.int8)}
+  return {"mantissas": mant.astype(mantissa_dtype(fmt)), "exponents": exps.astype(jnp.int8)}
 
 
 def bfp_unpack(payload: dict, fmt, shape: tuple[int, ...], backend: str = "jax",

@@ -43,6 +43,12 @@ class BFPBlocks(NamedTuple):
   nonfinite: jax.Array
 
 
+def mantissa_dtype(fmt: BFPFormat):
+  """int8 (m <= 8), int16 (m <= 16) or int32: the narrowest integer dtype that holds the
+  mantissas of `fmt` (the bfp wire format's mantissa dtype)."""
+  return {8: jnp.int8, 16: jnp.int16, 32: jnp.int32}[fmt.storage_bits]
+
+
 def encode_blocked(xb: jax.Array, fmt: BFPFormat, rounding: str,
                    random_bits: Optional[jax.Array] = None) -> BFPBlocks:
   """bfp-encodes float32 blocks xb (..., nblocks, b); random_bits uint32 like xb."""

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from coltrain.numerics.bfp import mantissa_dtype
 from coltrain.numerics.formats import BFPFormat, parse_format
 from coltrain.numerics.hw.plugin import ROUNDING_CODES, HwPlugin, HwPluginError, load_plugin
 
@@ -86,6 +87,18 @@ def _f32(x, what):
   return x
 
 
+def _row_op(plugin: PluginLike, op: str, fmt, x, rounding: str):
+  """The shared checks of the row-wise ops (quantize, pack): (plugin, BFPFormat, x)."""
+  p = get_plugin(plugin)
+  fmt = _bfp(fmt)
+  x = _f32(x, f"hw {op} x")
+  if x.ndim == 0:
+    raise HwPluginError(f"hw {op} needs an array of rank >= 1")
+  p.check_format(fmt, op, rounding)
+  p.check_elements(op, x.size)
+  return p, fmt, x
+
+
 def gemm(a: jax.Array, b: jax.Array, lhs, rhs, *, rounding: str = "nearest_even",
          bits_a: Optional[jax.Array] = None, bits_b: Optional[jax.Array] = None,
          plugin: PluginLike = None) -> jax.Array:
@@ -115,22 +128,11 @@ def gemm(a: jax.Array, b: jax.Array, lhs, rhs, *, rounding: str = "nearest_even"
 def quantize(x: jax.Array, fmt, *, rounding: str = "nearest_even",
              random_bits: Optional[jax.Array] = None, plugin: PluginLike = None) -> jax.Array:
   """Quantize-dequantize float32 x (..., L) to bfp `fmt`, blocked along the LAST axis."""
-  p = get_plugin(plugin)
-  fmt = _bfp(fmt)
-  x = _f32(x, "hw quantize x")
-  if x.ndim == 0:
-    raise HwPluginError("hw quantize needs an array of rank >= 1")
-  p.check_format(fmt, "quantize", rounding)
-  p.check_elements("quantize", x.size)
+  p, fmt, x = _row_op(plugin, "quantize", fmt, x, rounding)
   return _call(p.target("quantize"), jax.ShapeDtypeStruct(x.shape, jnp.float32),
                x, _bits_or_empty(random_bits, x, rounding, "hw quantize"),
                mantissa_bits=np.int32(fmt.mantissa_bits), block=np.int32(fmt.block_size),
                rounding=np.int32(ROUNDING_CODES[rounding]))
-
-
-def mantissa_dtype(fmt: BFPFormat):
-  """int8 (m <= 8), int16 (m <= 16) or int32: the wire dtype of bfp mantissas."""
-  return {8: jnp.int8, 16: jnp.int16, 32: jnp.int32}[fmt.storage_bits]
 
 
 def pack(x: jax.Array, fmt, *, rounding: str = "nearest_even",
@@ -138,13 +140,7 @@ def pack(x: jax.Array, fmt, *, rounding: str = "nearest_even",
   """float32 x (..., L) -> the bfp wire format along the last axis:
   (mantissas int8/int16/int32 (..., L), exponents int8 (..., ceil(L / block)), -128 for a
   NaN/inf block)."""
-  p = get_plugin(plugin)
-  fmt = _bfp(fmt)
-  x = _f32(x, "hw pack x")
-  if x.ndim == 0:
-    raise HwPluginError("hw pack needs an array of rank >= 1")
-  p.check_format(fmt, "pack", rounding)
-  p.check_elements("pack", x.size)
+  p, fmt, x = _row_op(plugin, "pack", fmt, x, rounding)
   nb = -(-x.shape[-1] // fmt.block_size)
   return _call(p.target("pack"),
                (jax.ShapeDtypeStruct(x.shape, mantissa_dtype(fmt)),

@@ -5,6 +5,7 @@
   python -m launch.loadgen ... --mode open --rho 0.7 --capacity 400 --arrival gamma --cv 2
   python -m launch.loadgen ... --mode closed --concurrency 16 --duration 5   # capacity
   python -m launch.loadgen ... --mode sequential --requests 300            # batch-1 latency
+  python -m launch.loadgen ... --cpus 1      # pin this process to CPU 1 before starting
 
 Open loop: arrival times are drawn up front (Poisson: exponential gaps; bursty: Gamma
 gaps with the given coefficient of variation, CV 2 by default) at `rate` requests/s (or
@@ -13,6 +14,24 @@ keep-alive connections, and **latency is measured from the scheduled arrival tim
 a request that could not be sent on time (all connections busy, dispatcher late) is
 charged for the wait and is never skipped. Closed loop: `concurrency` clients send
 back to back (the capacity measurement). Sequential: one request at a time.
+
+Engine. The load generator shares the machine's few cores with the server, so its own
+CPU cost per request is kept small: one thread runs one asyncio event loop (uvloop when
+importable) speaking raw HTTP/1.1 over keep-alive TCP connections (TCP_NODELAY), all
+callback driven (no coroutine or thread per request). Each request (request line,
+headers, body) is encoded once per body up front and sent with one write. During the
+run a response is only framed: status line, Content-Length and `Connection: close`,
+then exactly Content-Length body bytes (or up to EOF without one), kept raw; the model
+version and predicted labels are decoded (orjson when importable) AFTER the timed run,
+so no JSON work sits on the latency path. Connections open lazily (the free pool is a
+stack, so only as many as the load needs are opened); a refused, reset or timed-out
+(`--timeout`) request is recorded with status -1 and its connection reopened for the
+next one, as is one answered with `Connection: close`. Sends are timed by a Linux
+timerfd (nanosecond resolution, woken by the event loop's poll) rather than the loop's
+millisecond timers; elsewhere a loop timer wakes ~1 ms early and the rest is yielded
+away in loop iterations. `dispatch_late_ms` reports how late sends ran vs schedule
+(including any wait for a free connection). The garbage collector is paused during a
+run.
 
 Requests carry `images_per_request` images: real MNIST-5k test digits from `--images`
 (an .npz with `images` uint8 (n, 28, 28, 1) and `labels`), else seeded random pixels.
@@ -27,20 +46,35 @@ model versions seen, accuracy (with labels), and how late the dispatcher ran.
 from __future__ import annotations
 
 import argparse
-import http.client
+import asyncio
+import collections
+import ctypes
+import ctypes.util
+import gc
 import json
-import queue
+import math
+import os
 import socket
 import sys
-import threading
 import time
 import urllib.parse
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 
-clock = time.perf_counter
+try:
+  import orjson
+  _loads = orjson.loads
+except ImportError:  # pragma: no cover - orjson is a pinned dependency
+  _loads = json.loads
 
+try:
+  import uvloop
+  _loop_factory = uvloop.new_event_loop
+except ImportError:  # pragma: no cover - uvloop is a pinned dependency
+  _loop_factory = None
+
+clock = time.perf_counter  # CLOCK_MONOTONIC on Linux, the clock the timerfd runs on
 
 def arrival_times(rate: float, duration: float, arrival: str, cv: float,
                   seed: int) -> np.ndarray:
@@ -80,42 +114,408 @@ def request_bodies(images: np.ndarray, per_request: int, count: int) -> list[byt
   return bodies
 
 
-class Client:
-  """One keep-alive connection; `post` returns (status, parsed JSON or None)."""
+# -- HTTP/1.1 over keep-alive connections -------------------------------------------------
 
-  def __init__(self, host: str, port: int, timeout: float):
-    self.host, self.port, self.timeout = host, port, timeout
-    self.conn: Optional[http.client.HTTPConnection] = None
+def encode_requests(host: str, port: int, path: str, bodies: list[bytes]) -> list[bytes]:
+  """One complete POST (request line, headers, body) per body, encoded once."""
+  head = (f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\n"
+          "Content-Type: application/json\r\nContent-Length: ").encode()
+  return [head + b"%d\r\n\r\n" % len(b) + b for b in bodies]
 
-  def _connect(self):
-    self.conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
-    self.conn.connect()
-    self.conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
-  def post(self, path: str, body: bytes) -> tuple[int, Optional[dict]]:
-    for attempt in (0, 1):
-      try:
-        if self.conn is None:
-          self._connect()
-        self.conn.request("POST", path, body, {"Content-Type": "application/json"})
-        resp = self.conn.getresponse()
-        data = resp.read()
-        if resp.will_close:
-          self.close()
-        try:
-          return resp.status, json.loads(data)
-        except ValueError:
-          return resp.status, None
-      except (http.client.HTTPException, OSError):
-        self.close()
-        if attempt:
-          return -1, None
-    return -1, None
+class _Connection(asyncio.Protocol):
+  """One TCP connection: frames one response at a time and hands it to its slot.
+
+  The slot calls `send`; the response reaches `slot.complete(status, body, reusable)`;
+  a close (or an unreadable response) before it is complete reaches `slot.lost(self)`.
+  """
+
+  def __init__(self, slot: "_Slot"):
+    self.slot: Optional[_Slot] = slot
+    self.transport: Optional[asyncio.Transport] = None
+    self.open = False
+    self._reset()
+
+  def _reset(self):
+    self.buf = b""
+    self.body_at = -1        # offset of the body in buf once the head is parsed
+    self.status = -1
+    self.length = -1         # Content-Length; -1: the body runs to EOF
+    self.close_after = False
+
+  def connection_made(self, transport):
+    self.transport = transport
+    if self.slot is None:  # given up on while connecting
+      transport.abort()
+      return
+    self.open = True
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+      sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+  def send(self, request: bytes):
+    self.transport.write(request)
+
+  def data_received(self, data: bytes):
+    buf = self.buf + data if self.buf else data
+    if self.body_at < 0:
+      end = buf.find(b"\r\n\r\n")
+      if end < 0:
+        self.buf = buf
+        return
+      if not self._parse_head(buf[:end].lower()):
+        self._drop()
+        return
+      self.body_at = end + 4
+    if self.length >= 0 and len(buf) - self.body_at >= self.length:
+      self._finish(buf[self.body_at:self.body_at + self.length], not self.close_after)
+    else:
+      self.buf = buf
+
+  def _parse_head(self, head: bytes) -> bool:
+    """Status line, Content-Length and Connection of a lower-cased response head."""
+    try:
+      self.status = int(head[9:12])
+    except ValueError:
+      return False
+    self.close_after = not head.startswith(b"http/1.1")
+    k = head.find(b"\r\nconnection:")
+    if k >= 0:
+      value = head[k + 13:].split(b"\r\n", 1)[0].strip()
+      self.close_after = value != b"keep-alive" if self.close_after else value == b"close"
+    k = head.find(b"\r\ncontent-length:")
+    if k < 0:
+      self.close_after = True  # no framing: the body is delimited by EOF
+      return True
+    try:
+      self.length = int(head[k + 17:].split(b"\r\n", 1)[0])
+    except ValueError:
+      return False
+    return self.length >= 0
+
+  def _finish(self, body: bytes, reusable: bool):
+    status, slot = self.status, self.slot
+    self._reset()
+    if not reusable:
+      self.abandon()
+    if slot is not None:
+      slot.complete(status, body, reusable)
+
+  def eof_received(self):
+    if self.body_at >= 0 and self.length < 0:  # an EOF-delimited body is complete
+      self._finish(self.buf[self.body_at:], False)
+    return False  # the transport closes; connection_lost follows
+
+  def connection_lost(self, exc):
+    self.open = False
+    slot, self.slot = self.slot, None
+    if slot is not None:
+      slot.lost(self)
+
+  def _drop(self):
+    slot = self.slot
+    self.abandon()
+    if slot is not None:
+      slot.lost(self)
+
+  def abandon(self):
+    """Closes the connection; its slot hears no more from it."""
+    self.open = False
+    self.slot = None
+    if self.transport is not None:
+      self.transport.abort()
+
+
+class _Slot:
+  """A pool member: at most one request in flight, over a connection it (re)opens when
+  the last one was closed; `run.on_done` hears of every request it was given."""
+
+  def __init__(self, run: "_Run"):
+    self.run = run
+    self.conn: Optional[_Connection] = None
+    self.opening: Optional[asyncio.Task] = None
+    self.i = -1              # request in flight, -1 when idle
+    self.sent = 0.0
+
+  def send(self, i: int, request: bytes):
+    self.i, self.sent = i, clock()
+    conn = self.conn
+    if conn is not None and conn.open:
+      conn.send(request)
+    else:
+      self.conn = conn = _Connection(self)
+      self.opening = self.run.loop.create_task(self._open(conn, request))
+
+  async def _open(self, conn: _Connection, request: bytes):
+    try:
+      await self.run.loop.create_connection(lambda: conn, self.run.host, self.run.port)
+    except OSError:  # refused, unreachable
+      if conn.slot is self:
+        conn.slot = None
+        self.lost(conn)
+      return
+    if conn.slot is self:  # else it closed, or was given up on, meanwhile
+      conn.send(request)
+
+  def complete(self, status: int, body: bytes, reusable: bool):
+    done = clock()
+    i, self.i = self.i, -1
+    if not reusable:
+      self.conn = None
+    if i >= 0:
+      self.run.on_done(self, i, status, body, done)
+
+  def lost(self, conn: _Connection):
+    """`conn` closed: idle, or under the request in flight (refused, reset, dropped)."""
+    if conn is self.conn:
+      self.conn = None
+      if self.i >= 0:
+        self.complete(-1, b"", False)
+
+  def fail(self):
+    """Gives up on the in-flight request (timeout): status -1, connection dropped."""
+    if self.conn is not None:
+      self.conn.abandon()
+    self.complete(-1, b"", False)
 
   def close(self):
+    if self.opening is not None and not self.opening.done():
+      self.opening.cancel()
     if self.conn is not None:
-      self.conn.close()
+      self.conn.abandon()
       self.conn = None
+
+
+# -- precise wake-ups ----------------------------------------------------------------------
+
+class _TimerSpec(ctypes.Structure):
+  _fields_ = [("interval_s", ctypes.c_long), ("interval_ns", ctypes.c_long),
+              ("value_s", ctypes.c_long), ("value_ns", ctypes.c_long)]
+
+
+class TimerfdTimer:
+  """Calls `callback` at an absolute `clock()` time via a Linux timerfd.
+
+  The timer (nanosecond resolution, CLOCK_MONOTONIC like `clock`) is armed with one
+  syscall and wakes the event loop's poll when it expires, so a send is neither up to
+  a millisecond late (the loop's own timers) nor paid for with a busy wait.
+  """
+
+  def __init__(self, loop: asyncio.AbstractEventLoop, callback: Callable[[], None]):
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    self._settime = libc.timerfd_settime
+    self._settime.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
+    fd = libc.timerfd_create(time.CLOCK_MONOTONIC, os.O_NONBLOCK | os.O_CLOEXEC)
+    if fd < 0:
+      raise OSError(ctypes.get_errno(), "timerfd_create failed")
+    self.fd, self.loop, self.callback = fd, loop, callback
+    self._spec = _TimerSpec()
+    self._spec_ref = ctypes.byref(self._spec)
+    loop.add_reader(fd, self._fired)
+
+  def arm(self, when: float):
+    """Fires once at `when` (at once if past); re-arming replaces the expiry."""
+    s = math.floor(when)
+    self._spec.value_s, self._spec.value_ns = s, max(int((when - s) * 1e9), 1)
+    if self._settime(self.fd, 1, self._spec_ref, None) != 0:  # 1: TFD_TIMER_ABSTIME
+      raise OSError(ctypes.get_errno(), "timerfd_settime failed")
+
+  def _fired(self):
+    self.callback()  # which re-arms or disarms: either clears the fd's readiness
+
+  def disarm(self):
+    self._spec.value_s = self._spec.value_ns = 0
+    self._settime(self.fd, 0, self._spec_ref, None)
+
+  def close(self):
+    self.loop.remove_reader(self.fd)
+    os.close(self.fd)
+
+
+class LoopTimer:
+  """Fallback for `TimerfdTimer`: a loop timer wakes ~1 ms early (loop timers have
+  millisecond granularity), then the remainder is yielded away one loop iteration at a
+  time, so responses keep being handled while waiting."""
+
+  EARLY = 1.5e-3
+
+  def __init__(self, loop: asyncio.AbstractEventLoop, callback: Callable[[], None]):
+    self.loop, self.callback, self.when = loop, callback, 0.0
+
+  def arm(self, when: float):
+    self.when = when
+    self._check()
+
+  def disarm(self):
+    self.when = math.inf
+
+  def _check(self):
+    if self.when == math.inf:
+      return
+    left = self.when - clock()
+    if left <= 0:
+      self.callback()
+    elif left > self.EARLY:
+      self.loop.call_later(left - self.EARLY + 5e-4, self._check)
+    else:
+      self.loop.call_soon(self._check)
+
+  def close(self):
+    pass
+
+
+def make_timer(loop, callback):
+  """A `TimerfdTimer` where Linux offers one, else a `LoopTimer`."""
+  try:
+    return TimerfdTimer(loop, callback)
+  except (OSError, AttributeError, NotImplementedError):
+    return LoopTimer(loop, callback)
+
+
+# -- runs ----------------------------------------------------------------------------------
+
+class _Run:
+  """One timed run on one event loop: a pool of slots, a timeout watchdog and the raw
+  outcomes; subclasses decide what a finished request leads to (`on_done`)."""
+
+  def __init__(self, gen: "LoadGen", slots: int):
+    self.loop = asyncio.get_running_loop()
+    self.host, self.port, self.timeout = gen.host, gen.port, gen.timeout
+    self.requests = gen.requests
+    self.slots = [_Slot(self) for _ in range(slots)]
+    self.finished = self.loop.create_future()
+    self._watch_every = min(max(self.timeout / 8, 1e-3), 0.25)
+    self._watch = self.loop.call_later(self._watch_every, self._watchdog)
+
+  def _watchdog(self):
+    now = clock()
+    for slot in self.slots:
+      if slot.i >= 0 and now - slot.sent > self.timeout:
+        slot.fail()
+    self._watch = self.loop.call_later(self._watch_every, self._watchdog)
+
+  def request(self, i: int) -> bytes:
+    return self.requests[i % len(self.requests)]
+
+  def on_done(self, slot: _Slot, i: int, status: int, body: bytes, done: float):
+    raise NotImplementedError
+
+  def finish(self):
+    if not self.finished.done():
+      self.finished.set_result(None)
+
+  def close(self):
+    self._watch.cancel()
+    for slot in self.slots:
+      slot.close()
+
+
+class _OpenLoopRun(_Run):
+  """Releases request i at `due[i]` to a free slot (LIFO), else queues it (FIFO) until
+  one frees up; records when each was sent and done."""
+
+  def __init__(self, gen: "LoadGen", due: list[float], connections: int):
+    super().__init__(gen, connections)
+    n = len(due)
+    self.due, self.next = due, 0
+    self.free = self.slots[::-1]
+    self.backlog: collections.deque = collections.deque()
+    self.sent = [math.nan] * n
+    self.done = [math.nan] * n
+    self.status = [0] * n
+    self.body = [b""] * n
+    self.left = n
+    self.timer = make_timer(self.loop, self._release_due)
+
+  def start(self):
+    if self.left == 0:
+      self.finish()
+    else:
+      self.timer.arm(self.due[0])
+
+  def _release_due(self):
+    due, n, now = self.due, len(self.due), clock()
+    while self.next < n and due[self.next] <= now:
+      i = self.next
+      self.next += 1
+      if self.free:
+        self._send(self.free.pop(), i)
+      else:
+        self.backlog.append(i)
+    if self.next < n:
+      self.timer.arm(due[self.next])
+    else:
+      self.timer.disarm()
+
+  def _send(self, slot: _Slot, i: int):
+    self.sent[i] = clock()
+    slot.send(i, self.request(i))
+
+  def on_done(self, slot, i, status, body, done):
+    self.status[i], self.body[i], self.done[i] = status, body, done
+    if self.backlog:
+      self._send(slot, self.backlog.popleft())
+    else:
+      self.free.append(slot)
+    self.left -= 1
+    if self.left == 0:
+      self.finish()
+
+  def close(self):
+    super().close()
+    self.timer.close()
+
+
+class _ClosedLoopRun(_Run):
+  """Each slot sends its next request as soon as the last one finished, until
+  `stop_at` (or `max_requests` were issued)."""
+
+  def __init__(self, gen: "LoadGen", concurrency: int, stop_at: float,
+               max_requests: Optional[int]):
+    super().__init__(gen, concurrency)
+    self.stop_at, self.max_requests = stop_at, max_requests
+    self.issued, self.active = 0, concurrency
+    self.out: list[tuple[int, float, int, bytes]] = []  # i, latency, status, body
+
+  def start(self):
+    for slot in list(self.slots):
+      self._next(slot)
+
+  def _next(self, slot: _Slot):
+    if clock() >= self.stop_at or self.issued == self.max_requests:
+      self.active -= 1
+      if self.active == 0:
+        self.finish()
+      return
+    i = self.issued
+    self.issued += 1
+    slot.send(i, self.request(i))
+
+  def on_done(self, slot, i, status, body, done):
+    self.out.append((i, done - slot.sent, status, body))
+    self._next(slot)
+
+
+def run_loop(make_run: Callable[[], _Run]) -> _Run:
+  """Runs one `_Run` to completion on a fresh event loop (uvloop when available), with
+  the garbage collector paused; returns the run."""
+
+  async def go():
+    run = make_run()
+    try:
+      run.start()
+      await run.finished
+    finally:
+      run.close()
+    return run
+
+  gc.collect()
+  gc.disable()
+  try:
+    with asyncio.Runner(loop_factory=_loop_factory) as runner:
+      return runner.run(go())
+  finally:
+    gc.enable()
 
 
 class LoadGen:
@@ -126,88 +526,69 @@ class LoadGen:
     u = urllib.parse.urlparse(url)
     if u.scheme != "http" or not u.hostname:
       raise ValueError(f"--url must be http://HOST:PORT, got {url!r}")
+    if timeout <= 0:
+      raise ValueError(f"timeout must be > 0, got {timeout}")
     self.host, self.port = u.hostname, u.port or 80
     self.path = f"/v2/models/{model}/infer"
     self.bodies, self.labels, self.timeout = bodies, labels, timeout
+    self.requests = encode_requests(self.host, self.port, self.path, bodies)
 
-  def _record(self, rec: list, i: int, status: int, resp: Optional[dict]) -> None:
-    rec[0] = status
-    if status == 200 and resp is not None:
+  def record(self, i: int, status: int, body: bytes) -> list:
+    """[status, model version, correct labels] of request i, decoded from its body."""
+    rec = [status, -1, 0]
+    if status != 200:
+      return rec
+    try:
+      resp = _loads(body)
       rec[1] = int(resp.get("model_version", -1))
       if self.labels is not None:
         pred = resp["outputs"][1]["data"]
         want = self.labels[i % len(self.labels)]
         rec[2] = sum(int(a == b) for a, b in zip(pred, want))
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+      pass  # a 200 without a readable body: counted, but no version or labels
+    return rec
 
   def open_loop(self, offsets: np.ndarray, connections: int) -> dict:
-    n = len(offsets)
-    recs = [[0, -1, 0] for _ in range(n)]          # status, version, correct
-    done_at = np.full(n, np.nan)
-    sent_at = np.full(n, np.nan)
-    work: queue.SimpleQueue = queue.SimpleQueue()
+    """Request i is released `offsets[i]` s after a start 0.1 s from now, over at most
+    `connections` keep-alive connections; latency counts from the scheduled time."""
+    if connections < 1:
+      raise ValueError(f"connections must be >= 1, got {connections}")
+    offsets = np.asarray(offsets, float)
     t0 = clock() + 0.1
     t0_unix = time.time() + (t0 - clock())
-
-    def worker():
-      c = Client(self.host, self.port, self.timeout)
-      while True:
-        i = work.get()
-        if i is None:
-          c.close()
-          return
-        sent_at[i] = clock()
-        status, resp = c.post(self.path, self.bodies[i % len(self.bodies)])
-        done_at[i] = clock()
-        self._record(recs[i], i, status, resp)
-
-    threads = [threading.Thread(target=worker, daemon=True) for _ in range(connections)]
-    for t in threads:
-      t.start()
-    for i, off in enumerate(offsets):
-      delay = t0 + off - clock()
-      if delay > 0:
-        time.sleep(delay)
-      work.put(i)
-    for _ in threads:
-      work.put(None)
-    for t in threads:
-      t.join(self.timeout + 30)
-    latency = done_at - (t0 + offsets)
-    late = sent_at - (t0 + offsets)
-    return {"latency": latency, "recs": recs, "wall": np.nanmax(done_at) - t0,
+    run = run_loop(lambda: _OpenLoopRun(self, (t0 + offsets).tolist(), connections))
+    status = np.array(run.status)
+    done = np.array(run.done)
+    latency = done - (t0 + offsets)
+    latency[status == -1] = np.nan
+    late = np.array(run.sent) - (t0 + offsets)
+    recs = [self.record(i, s, b) for i, (s, b) in enumerate(zip(run.status, run.body))]
+    if len(offsets) == 0:
+      return {"latency": latency, "recs": recs, "wall": 0.0,
+              "window_unix": [t0_unix, t0_unix], "late_ms": {}}
+    return {"latency": latency, "recs": recs, "wall": float(np.nanmax(done) - t0),
             "window_unix": [t0_unix, t0_unix + float(offsets[-1])],  # arrivals
             "late_ms": {"p50": float(np.nanmedian(late) * 1e3),
                         "p99": float(np.nanpercentile(late, 99) * 1e3),
                         "max": float(np.nanmax(late) * 1e3)}}
 
-  def closed_loop(self, concurrency: int, duration: float) -> dict:
-    out: list[tuple[float, list]] = []
-    lock = threading.Lock()
-    stop_at = clock() + duration
+  def closed_loop(self, concurrency: int, duration: float,
+                  max_requests: Optional[int] = None) -> dict:
+    """`concurrency` clients back to back for `duration` s (or `max_requests` in all);
+    latency from each send."""
+    if concurrency < 1:
+      raise ValueError(f"concurrency must be >= 1, got {concurrency}")
     t0 = clock()
-
-    def worker(k: int):
-      c = Client(self.host, self.port, self.timeout)
-      i = k
-      while clock() < stop_at:
-        s = clock()
-        status, resp = c.post(self.path, self.bodies[i % len(self.bodies)])
-        rec = [0, -1, 0]
-        self._record(rec, i, status, resp)
-        with lock:
-          out.append((clock() - s, rec))
-        i += concurrency
-      c.close()
-
-    threads = [threading.Thread(target=worker, args=(k,), daemon=True)
-               for k in range(concurrency)]
-    for t in threads:
-      t.start()
-    for t in threads:
-      t.join(duration + self.timeout + 30)
+    run = run_loop(lambda: _ClosedLoopRun(self, concurrency, t0 + duration, max_requests))
     wall = clock() - t0
-    return {"latency": np.array([x[0] for x in out]), "recs": [x[1] for x in out],
+    latency = np.array([lat if s != -1 else np.nan for _, lat, s, _ in run.out])
+    return {"latency": latency, "recs": [self.record(i, s, b) for i, _, s, b in run.out],
             "wall": wall}
+
+  def sequential(self, requests: int) -> dict:
+    """One request at a time, `requests` of them."""
+    return self.closed_loop(1, math.inf, max_requests=requests)
 
 
 def summarize(res: dict, *, slo_ms: Optional[float], images_per_request: int,
@@ -253,6 +634,37 @@ def load_images(path: Optional[str], seed: int) -> tuple[np.ndarray, Optional[np
   return rng.integers(0, 256, (64, 28, 28, 1), dtype=np.uint8), None
 
 
+def parse_cpus(spec: str) -> set[int]:
+  """CPU ids from '0', '0,1' or '0-3' (ValueError when malformed or not on this host)."""
+  cpus: set[int] = set()
+  for part in spec.split(","):
+    lo, sep, hi = part.strip().partition("-")
+    try:
+      first, last = int(lo), int(hi) if sep else int(lo)
+    except ValueError:
+      raise ValueError(f"--cpus takes ids like 0 or 0,1 or 0-3, got {spec!r}") from None
+    if first < 0 or last < first:
+      raise ValueError(f"--cpus: bad CPU range {part.strip()!r}")
+    cpus.update(range(first, last + 1))
+  n = os.cpu_count() or 1
+  bad = sorted(c for c in cpus if c >= n)
+  if bad:
+    raise ValueError(f"--cpus: no CPU {bad} on this machine (ids 0..{n - 1})")
+  return cpus
+
+
+def pin_cpus(spec: str) -> set[int]:
+  """Pins this process to the CPUs in `spec` (see `parse_cpus`); returns them."""
+  cpus = parse_cpus(spec)
+  try:
+    os.sched_setaffinity(0, cpus)
+  except OSError as e:
+    allowed = sorted(os.sched_getaffinity(0))
+    raise ValueError(f"--cpus {spec}: cannot pin to {sorted(cpus)} ({e.strerror}); "
+                     f"this process may use {allowed}") from None
+  return cpus
+
+
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--url", required=True)
@@ -272,9 +684,14 @@ def main(argv=None) -> int:
   p.add_argument("--slo_ms", type=float)
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--timeout", type=float, default=30.0)
+  p.add_argument("--cpus", help="pin this process to these CPU ids first: 0, 0,1, 0-3")
   p.add_argument("--out")
   a = p.parse_args(argv)
-  sys.setswitchinterval(0.0005)  # many client threads: keep GIL hand-overs short
+  if a.cpus is not None:
+    try:
+      pin_cpus(a.cpus)
+    except ValueError as e:
+      p.error(str(e))
   if a.mode == "open":
     if a.rate is None:
       if a.rho is None or a.capacity is None:
@@ -284,6 +701,9 @@ def main(argv=None) -> int:
       p.error(f"the request rate must be > 0, got {a.rate}")
   if a.images_per_request < 1:
     p.error("--images_per_request must be >= 1")
+  for flag in ("requests", "concurrency", "connections"):
+    if getattr(a, flag) < 1:
+      p.error(f"--{flag} must be >= 1")
   images, labels = load_images(a.images, a.seed)
   nb = min(len(images), 256)
   bodies = request_bodies(images, a.images_per_request, nb)
@@ -302,18 +722,7 @@ def main(argv=None) -> int:
   elif a.mode == "closed":
     res = gen.closed_loop(a.concurrency, a.duration)
   else:
-    c = Client(gen.host, gen.port, a.timeout)
-    lat, recs = [], []
-    t0 = clock()
-    for i in range(a.requests):
-      s = clock()
-      status, resp = c.post(gen.path, bodies[i % nb])
-      lat.append(clock() - s)
-      rec = [0, -1, 0]
-      gen._record(rec, i, status, resp)
-      recs.append(rec)
-    c.close()
-    res = {"latency": np.array(lat), "recs": recs, "wall": clock() - t0}
+    res = gen.sequential(a.requests)
   out = summarize(res, slo_ms=a.slo_ms, images_per_request=a.images_per_request,
                   labels=labels is not None)
   out["args"] = vars(a)

@@ -11,6 +11,7 @@ to --port_file, for scripts). SIGINT/SIGTERM stop it cleanly (exit 0). Several r
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import sys
@@ -54,6 +55,11 @@ def main(argv):
   # behind HTTP threads for whole switch intervals on the latency path.
   sys.setswitchinterval(0.0005)
   server.start()
+  # Everything built so far (JAX, flax, the compiled executables) lives as long as the
+  # process: move it out of the collector's sight, so that a full collection on the
+  # latency path scans only what was allocated since (milliseconds less of pause).
+  gc.collect()
+  gc.freeze()
   if _PORT_FILE.value:
     tmp = _PORT_FILE.value + ".tmp"
     with open(tmp, "w") as f:

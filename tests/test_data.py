@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from coltrain.data import DatasetNotPrepared, eval_batches, open_dataset, train_batches
+from coltrain.data import (DatasetNotPrepared, eval_batches, load_split, open_dataset,
+                           train_batches, train_batches_in_memory)
 
 
 def _take(it, n):
@@ -68,6 +69,21 @@ def test_resume_from_step_continues_the_same_stream(mnist5k):
   resumed = _take(train_batches(src, global_batch_size=32, seed=1, start_step=6), 4)
   for x, y in zip(full[6:], resumed):
     np.testing.assert_array_equal(x["image"], y["image"])
+
+
+def test_in_memory_batches_equal_the_pipeline_across_epochs(mnist5k):
+  src = mnist5k[0]["train"]
+  arrays = load_split(src)
+  assert arrays["image"].shape == (len(src), 28, 28, 1) and arrays["image"].dtype == np.uint8
+  steps = 2 * len(src) // 64 + 3                     # over two epoch boundaries
+  for start in (0, 5):
+    a = train_batches(src, global_batch_size=64, seed=3, start_step=start)
+    b = train_batches_in_memory(arrays, global_batch_size=64, seed=3, start_step=start)
+    for _ in range(steps):
+      x, y = next(a), next(b)
+      assert x["label"].dtype == y["label"].dtype
+      np.testing.assert_array_equal(x["image"], y["image"])
+      np.testing.assert_array_equal(x["label"], y["label"])
 
 
 @pytest.mark.parametrize("processes", [2, 4])

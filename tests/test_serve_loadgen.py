@@ -1,6 +1,9 @@
 """Load generator (launch.loadgen) and benchmark bookkeeping (launch.colocate_bench)."""
 
+import contextlib
 import json
+import os
+import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -77,6 +80,228 @@ def test_summary_counts_shed_and_failed_requests_as_slo_misses():
   s = loadgen.summarize(res, slo_ms=1.5, images_per_request=1, labels=False)
   assert s["slo_attainment"] == 0.25 and s["slo_attainment_admitted"] == 0.5
   assert s["shed_fraction"] == 0.25 and s["codes"] == {"-1": 1, "200": 2, "503": 1}
+
+
+@contextlib.contextmanager
+def _serving(handler):
+  """A threaded stdlib HTTP server with `handler`; yields its URL."""
+  httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+  httpd.accepted = 0
+  get_request = httpd.get_request
+
+  def counting_get_request():
+    httpd.accepted += 1
+    return get_request()
+
+  httpd.get_request = counting_get_request
+  threading.Thread(target=httpd.serve_forever, daemon=True).start()
+  try:
+    yield f"http://127.0.0.1:{httpd.server_address[1]}", httpd
+  finally:
+    httpd.shutdown()
+    httpd.server_close()
+
+
+class _Echo(BaseHTTPRequestHandler):
+  """Answers body {"k": K} with label [K, K + 1] and model version 5 (keep-alive)."""
+  protocol_version = "HTTP/1.1"
+  close_each = False  # answer with `Connection: close` and hang up
+
+  def do_POST(self):  # noqa: N802
+    if self.headers["Content-Type"] != "application/json":
+      self.send_error(415)
+      return
+    k = json.loads(self.rfile.read(int(self.headers["Content-Length"])))["k"]
+    body = json.dumps({"model_version": "5", "outputs": [
+        {"name": "logits", "data": [0.0] * 10},
+        {"name": "label", "data": [k, k + 1]}]}).encode()
+    self.send_response(200)
+    self.send_header("Content-Length", str(len(body)))
+    if self.close_each:
+      self.send_header("Connection", "close")
+      self.close_connection = True
+    self.end_headers()
+    self.wfile.write(body)
+
+  def log_message(self, *a):
+    pass
+
+
+class _EchoClosing(_Echo):
+  close_each = True
+
+
+class _EchoHttp10(_Echo):
+  """HTTP/1.0 without Content-Length: the body ends where the connection does."""
+  protocol_version = "HTTP/1.0"
+
+  def send_header(self, key, value):
+    if key != "Content-Length":
+      super().send_header(key, value)
+
+
+def _echo_bodies(n):
+  return [json.dumps({"k": k}).encode() for k in range(n)]
+
+
+def test_versions_and_accuracy_are_decoded_per_request():
+  # label lists: body k is answered [k, k+1]; want 2, 1 and 0 of them right
+  labels = [[0, 1], [1, 0], [9, 9]]
+  with _serving(_Echo) as (url, _):
+    gen = loadgen.LoadGen(url, "m", _echo_bodies(3), labels=labels)
+    res = gen.open_loop(np.arange(6) * 0.002, connections=2)
+    closed = gen.closed_loop(2, 0.2)
+    seq = gen.sequential(4)
+  assert res["recs"] == [[200, 5, 2], [200, 5, 1], [200, 5, 0]] * 2
+  s = loadgen.summarize(res, slo_ms=None, images_per_request=2, labels=True)
+  assert s["accuracy"] == 0.5 and s["versions"] == {"min": 5, "max": 5, "distinct": 1}
+  assert len(closed["recs"]) > 0 and all(r[:2] == [200, 5] for r in closed["recs"])
+  assert np.all(closed["latency"] > 0)
+  assert [r[2] for r in seq["recs"]] == [2, 1, 0, 2] and len(seq["latency"]) == 4
+
+
+def test_unreadable_200_body_is_counted_without_version_or_labels():
+  gen = loadgen.LoadGen("http://127.0.0.1:1", "m", [b"{}"], labels=[[7]])
+  assert gen.record(0, 200, b"not json") == [200, -1, 0]
+  assert gen.record(0, 200, b'{"model_version": "4"}') == [200, 4, 0]
+  assert gen.record(0, 503, b'{"error": "busy"}') == [503, -1, 0]
+
+
+@pytest.mark.parametrize("handler", [_EchoClosing, _EchoHttp10])
+def test_connections_closed_by_the_server_are_reopened(handler):
+  with _serving(handler) as (url, httpd):
+    gen = loadgen.LoadGen(url, "m", _echo_bodies(2), labels=[[0, 1], [1, 2]])
+    res = gen.open_loop(np.arange(5) * 0.002, connections=1)
+    closed = gen.closed_loop(1, 0.1)
+  assert res["recs"] == [[200, 5, 2]] * 5 and not np.any(np.isnan(res["latency"]))
+  assert all(r == [200, 5, 2] for r in closed["recs"])
+  assert httpd.accepted == 5 + len(closed["recs"])  # one connection per request
+
+
+class _DropsOddRequests(BaseHTTPRequestHandler):
+  """Reads every request; answers the even-numbered ones, hangs up on the others."""
+  protocol_version = "HTTP/1.1"
+  count = 0
+  lock = threading.Lock()
+
+  def do_POST(self):  # noqa: N802
+    self.rfile.read(int(self.headers["Content-Length"]))
+    with self.lock:
+      k, type(self).count = type(self).count, type(self).count + 1
+    if k % 2:
+      self.close_connection = True  # no response: the connection just closes
+      return
+    body = b'{"model_version": "1", "outputs": [{}, {"data": [0]}]}'
+    self.send_response(200)
+    self.send_header("Content-Length", str(len(body)))
+    self.end_headers()
+    self.wfile.write(body)
+
+  def log_message(self, *a):
+    pass
+
+
+def test_dropped_connections_fail_the_request_and_are_reopened():
+  with _serving(_DropsOddRequests) as (url, httpd):
+    gen = loadgen.LoadGen(url, "m", [b"{}"])
+    res = gen.open_loop(np.arange(8) * 0.001, connections=1)  # one connection: in order
+  assert [r[0] for r in res["recs"]] == [200, -1] * 4       # none skipped, none hung
+  assert np.all(np.isnan(res["latency"][1::2])) and np.all(res["latency"][::2] > 0)
+  assert httpd.accepted == 4  # a fresh connection after each drop
+  s = loadgen.summarize(res, slo_ms=1e6, images_per_request=1, labels=False)
+  assert s["codes"] == {"-1": 4, "200": 4} and s["slo_attainment"] == 0.5
+
+
+def test_refused_connections_are_failures_not_hangs():
+  with socket.socket() as s:  # a port nobody listens on
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  gen = loadgen.LoadGen(f"http://127.0.0.1:{port}", "m", [b"{}"], timeout=5.0)
+  res = gen.open_loop(np.arange(4) * 0.001, connections=2)
+  assert [r[0] for r in res["recs"]] == [-1] * 4 and np.all(np.isnan(res["latency"]))
+  assert [r[0] for r in gen.sequential(3)["recs"]] == [-1] * 3
+
+
+def test_unreadable_responses_fail_the_request_without_waiting_for_the_timeout():
+  listener = socket.create_server(("127.0.0.1", 0))
+  held = []
+
+  def serve():  # answers every request with a non-HTTP head and keeps the socket open
+    while True:
+      try:
+        conn, _ = listener.accept()
+      except OSError:
+        return
+      held.append(conn)
+      conn.recv(65536)
+      conn.sendall(b"NOT HTTP AT ALL\r\n\r\n")
+
+  threading.Thread(target=serve, daemon=True).start()
+  try:
+    gen = loadgen.LoadGen(f"http://127.0.0.1:{listener.getsockname()[1]}", "m", [b"{}"],
+                          timeout=30.0)
+    res = gen.open_loop(np.arange(3) * 0.001, connections=1)
+  finally:
+    listener.close()
+    for conn in held:
+      conn.close()
+  assert [r[0] for r in res["recs"]] == [-1] * 3 and len(held) == 3
+  assert res["wall"] < 15.0  # failed on reading, long before the 30 s timeout
+
+
+class _Silent(BaseHTTPRequestHandler):
+  protocol_version = "HTTP/1.1"
+
+  def do_POST(self):  # noqa: N802
+    self.rfile.read(int(self.headers["Content-Length"]))
+    time.sleep(1.5)  # never answers in time
+
+  def log_message(self, *a):
+    pass
+
+
+def test_requests_time_out_with_status_minus_one():
+  with _serving(_Silent) as (url, _):
+    gen = loadgen.LoadGen(url, "m", [b"{}"], timeout=0.3)
+    res = gen.open_loop(np.array([0.0, 0.01]), connections=4)
+  assert [r[0] for r in res["recs"]] == [-1, -1] and np.all(np.isnan(res["latency"]))
+  assert res["wall"] >= 0.3 + 0.01
+
+
+class _Fast(_Slow):
+  delay = 0.0
+
+
+def test_main_writes_the_summary(tmp_path, capsys):
+  with _serving(_Fast) as (url, _):
+    assert loadgen.main(["--url", url, "--mode", "sequential", "--requests", "3",
+                         "--out", str(tmp_path / "o.json")]) == 0
+  out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert out == json.loads((tmp_path / "o.json").read_text())
+  assert out["requests"] == 3 and out["args"]["mode"] == "sequential"
+  assert out["codes"] == {"200": 3} and out["versions"]["max"] == 3
+
+
+def test_cpus_are_parsed_and_validated(capsys):
+  assert loadgen.parse_cpus("0") == {0}
+  n = os.cpu_count()
+  assert loadgen.parse_cpus(f"0-{n - 1}") == set(range(n))
+  for bad in ("", "a", "0,x", "-1", "3-1", str(n), f"0,{n + 5}"):
+    with pytest.raises(ValueError, match="--cpus"):
+      loadgen.parse_cpus(bad)
+  with pytest.raises(SystemExit):
+    loadgen.main(["--url", "http://127.0.0.1:1", "--mode", "sequential", "--cpus", str(n)])
+  assert "no CPU" in capsys.readouterr().err
+
+
+def test_cpus_pins_the_process():
+  before = os.sched_getaffinity(0)
+  cpu = min(before)
+  try:
+    assert loadgen.pin_cpus(str(cpu)) == {cpu}
+    assert os.sched_getaffinity(0) == {cpu}
+  finally:
+    os.sched_setaffinity(0, before)
 
 
 def _point(cfg, rho, p99, train, busy=0.2, att=1.0):

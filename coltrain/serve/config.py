@@ -13,6 +13,7 @@ from typing import Any
 
 import ml_collections
 
+from coltrain.serve.cpus import check_device_cpus
 from coltrain.config import (ConfigError, _type_ok, base_config,
                              unknown_override_keys, validate)
 
@@ -35,6 +36,10 @@ SERVE_DEFAULTS: dict[str, Any] = {
     "chunk_steps": 1,           # micro-batches per training chunk (between decisions)
     "max_chunk_ms": 0.0,        # cap on the predicted chunk time (0: only the SLO slack)
     "publish_every": 10,        # publish new weights every K optimizer steps
+    "device_cpus": "",          # CPU-only machines: cores reserved for the emulated
+                                #   device ("1", "2-3"): XLA and the schedulers run
+                                #   there, the HTTP front end on the other cores ("" =
+                                #   no split; see coltrain/serve/cpus.py)
 }
 
 
@@ -106,6 +111,8 @@ def validate_serve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
   need(s["max_chunk_ms"] >= 0, f"'serve.max_chunk_ms' must be >= 0, got {s['max_chunk_ms']}")
   need(s["publish_every"] >= 1,
        f"'serve.publish_every' must be >= 1, got {s['publish_every']}")
+  cpu_problem = check_device_cpus(s["device_cpus"])
+  need(cpu_problem is None, cpu_problem or "")
   if problems:
     raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
   out = train_cfg

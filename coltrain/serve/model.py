@@ -29,6 +29,11 @@ class Weights:
   model_state: Any
   phase: int = 0
 
+  def on_device(self, device) -> bool:
+    """Whether every array already lives (only) on `device`."""
+    return all(getattr(x, "devices", lambda: None)() == {device}
+               for x in jax.tree.leaves((self.params, self.model_state)))
+
   def to_device(self, device) -> "Weights":
     """A copy whose arrays live on `device` (fresh buffers: safe from donation)."""
     put = lambda x: jax.device_put(jnp.copy(x), device)  # noqa: E731

@@ -1,6 +1,7 @@
 """The Open Inference Protocol (KServe v2) JSON tensors: parsing and responses.
 
-Pure functions, no I/O. `parse_infer_request` turns a request body into an
+Pure functions, no I/O; JSON is read and written with orjson (the stdlib parser only
+words the errors). `parse_infer_request` turns a request body into an
 `InferRequest` or raises `ProtocolError` (an HTTP 400) whose message says exactly what
 is wrong; nothing else escapes it for any input bytes.
 
@@ -26,6 +27,7 @@ import math
 from typing import Any, Optional
 
 import numpy as np
+import orjson
 
 DATATYPES = {"FP32": np.float32, "FP64": np.float64, "UINT8": np.uint8, "INT32": np.int32}
 MAX_DEADLINE_MS = 60_000.0
@@ -51,9 +53,15 @@ def parse_infer_request(body: bytes, *, image_shape: tuple[int, ...],
                         max_images: int) -> InferRequest:
   """Parses and validates a KServe v2 JSON inference request (see module docstring)."""
   try:
-    obj = json.loads(body)
-  except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-    raise ProtocolError(f"request body is not valid JSON: {e}") from None
+    obj = orjson.loads(body)
+  except orjson.JSONDecodeError:
+    # Slow path, errors only: the stdlib parser reads what orjson refuses (NaN,
+    # Infinity, huge integers) so those get their precise message below, and it words
+    # syntax errors more plainly.
+    try:
+      obj = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+      raise ProtocolError(f"request body is not valid JSON: {e}") from None
   if not isinstance(obj, dict):
     raise ProtocolError(f"request must be a JSON object, got {type(obj).__name__}")
   req_id = obj.get("id")
@@ -123,6 +131,11 @@ def _parse_tensor(t: Any, image_shape: tuple[int, ...], max_images: int) -> np.n
       raise ProtocolError(f"'inputs[0].data' values must be integers in "
                           f"[{info.min}, {info.max}] for datatype {dtype}")
   return arr.reshape(shape).astype(np.float32)
+
+
+def dumps(obj: Any) -> bytes:
+  """JSON bytes of a response object (orjson: numpy scalars and arrays allowed)."""
+  return orjson.dumps(obj, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
 def infer_response(*, model_name: str, version: int, req_id: Optional[str],

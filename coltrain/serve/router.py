@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import threading
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
@@ -74,7 +74,11 @@ class Router:
     if best is None:
       self.metrics.shed.labels(reason="queue_full").inc()
       raise Shed("queue_full", 1.0, "every replica's queue is full; retry later")
-    if best_t > deadline - self.margin_s and not best.idle(now):
+    # An idle replica starts the request at once: never shed it (its timing estimate
+    # may be stale), unless the request already spent half its budget before it got
+    # here (a front-end backlog): then the prediction is trusted.
+    fresh = now - arrival < 0.5 * budget
+    if best_t > deadline - self.margin_s and not (fresh and best.idle(now)):
       self.metrics.shed.labels(reason="deadline").inc()
       late = best_t - (deadline - self.margin_s)
       raise Shed("deadline", max(late, best_t - now),
@@ -90,8 +94,10 @@ class Router:
     self._check(best, best_t, now, arrival, arrival + self.slo_s, self.slo_s)
 
   def submit(self, images: np.ndarray, *, arrival: Optional[float] = None,
-             deadline_ms: Optional[float] = None) -> Pending:
-    """Admits and queues `images` (n, H, W, C) float32, or raises `Shed`."""
+             deadline_ms: Optional[float] = None,
+             on_done: Optional[Callable[[], None]] = None) -> Pending:
+    """Admits and queues `images` (n, H, W, C) float32, or raises `Shed`. `on_done` is
+    called from the scheduler thread once the request's result or error is set."""
     now = clock()
     arrival = now if arrival is None else arrival
     budget = self.slo_s if deadline_ms is None else deadline_ms / 1e3
@@ -100,7 +106,7 @@ class Router:
     with self._lock:
       best, best_t = self._best(n, now)
       self._check(best, best_t, now, arrival, deadline, budget)
-      p = Pending(images=images, arrival=arrival, deadline=deadline)
+      p = Pending(images=images, arrival=arrival, deadline=deadline, on_done=on_done)
       best.submit(p)
     return p
 

@@ -3,8 +3,9 @@
 `DeviceScheduler` is the only thread that runs work on its device. Its loop:
 
 1. **Inference first.** While requests are queued it forms a batch (FIFO, whole
-   requests, at most `max_batch` images): it waits for a fuller batch only while the
-   oldest request has waited less than `max_queue_delay` and the earliest deadline still
+   requests, at most `max_batch` images): it waits for a fuller batch only if requests
+   arrive faster than one per `max_queue_delay` (measured rate), only while the oldest
+   request has waited less than `max_queue_delay` and the earliest deadline still
    leaves room for the predicted batch time; then it runs the batch (padded to its
    power-of-two bucket) on the current weights and completes the requests.
 2. **Training in the slack.** With nothing queued and no request being received, it
@@ -28,7 +29,7 @@ import dataclasses
 import math
 import threading
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -43,10 +44,13 @@ RATE_TAU_S = 1.0   # time constant of the arrival-rate estimate
 
 @dataclasses.dataclass(eq=False)
 class Pending:
-  """A request admitted to a replica; `done` is set once `result` or `error` is."""
+  """A request admitted to a replica. Once `result` or `error` is set the scheduler
+  calls `finish()`: `done` is set and `on_done` (if any; e.g. waking an event loop) is
+  called from the scheduler thread."""
   images: np.ndarray
   arrival: float
   deadline: float
+  on_done: Optional[Callable[[], None]] = None
   done: threading.Event = dataclasses.field(default_factory=threading.Event)
   result: Optional[dict] = None
   error: Optional[str] = None
@@ -54,6 +58,11 @@ class Pending:
   @property
   def n(self) -> int:
     return int(self.images.shape[0])
+
+  def finish(self) -> None:
+    self.done.set()
+    if self.on_done is not None:
+      self.on_done()
 
 
 class DeviceScheduler:
@@ -82,6 +91,7 @@ class DeviceScheduler:
     self._rate, self._rate_t = 0.0, clock()
     self._stopped = False
     self._thread: Optional[threading.Thread] = None
+    self._on_thread_start: Optional[Callable[[], None]] = None
     self.train_skips = 0     # idle moments when the chunk did not fit the slack
     self.incoming = lambda: 0  # requests being received/parsed (set by the server)
     self._busy_metric = metrics.inference_busy.labels(replica=str(index))
@@ -106,7 +116,10 @@ class DeviceScheduler:
       self.timer.update("chunk", float(np.min(self.trainer.warmup(runs))))
     return out
 
-  def start(self) -> None:
+  def start(self, on_thread_start: Optional[Callable[[], None]] = None) -> None:
+    """Starts the scheduler thread; it first calls `on_thread_start` (e.g. pinning
+    itself to the device's CPUs)."""
+    self._on_thread_start = on_thread_start
     self._thread = threading.Thread(target=self._loop, name=f"scheduler-{self.index}",
                                     daemon=True)
     self._thread.start()
@@ -116,7 +129,7 @@ class DeviceScheduler:
       self._stopped = True
       for p in self._queue:
         p.error = "server shutting down"
-        p.done.set()
+        p.finish()
       self._queue.clear()
       self._cv.notify_all()
     if self._thread is not None:
@@ -127,8 +140,12 @@ class DeviceScheduler:
     return self._thread is not None and self._thread.is_alive()
 
   def set_weights(self, weights: Weights) -> None:
-    """Serves `weights` from the next batch on (never waits for the current one)."""
-    self.weights = weights.to_device(self.predictor.device)
+    """Serves `weights` from the next batch on (never waits for the current one).
+    Published weights are never mutated (the trainer publishes fresh copies), so
+    weights already on this device are served as they are."""
+    if not weights.on_device(self.predictor.device):
+      weights = weights.to_device(self.predictor.device)
+    self.weights = weights
 
   # -- predictions -----------------------------------------------------------------------
   def bucket_time(self, b: int) -> float:
@@ -201,6 +218,10 @@ class DeviceScheduler:
     """Seconds to wait for a fuller batch (<= 0: run now). Called with the lock held."""
     if self._queued_images >= self.max_batch:
       return 0.0
+    # Waiting pays only if another request is likely to arrive within the delay: at low
+    # load a lone request runs at once instead of idling for `max_queue_delay`.
+    if self.arrival_rate(now) * self.max_queue_delay_s < 1.0:
+      return 0.0
     oldest = self._queue[0]
     earliest = min(p.deadline for p in self._queue)
     run_by = earliest - self.batch_time(self._queued_images) - self.margin_s
@@ -217,6 +238,8 @@ class DeviceScheduler:
 
   # -- the loop --------------------------------------------------------------------------
   def _loop(self) -> None:
+    if self._on_thread_start is not None:
+      self._on_thread_start()
     while True:
       batch = None
       train = False
@@ -258,7 +281,7 @@ class DeviceScheduler:
         for p in batch or ():
           if not p.done.is_set():
             p.error = f"inference failed: {type(e).__name__}: {e}"
-            p.done.set()
+            p.finish()
         if train and self.trainer is not None and self.trainer.failure is None:
           self.trainer.failure = f"training chunk raised {type(e).__name__}: {e}"
           self.metrics.train_failures.inc()
@@ -292,7 +315,7 @@ class DeviceScheduler:
                   "queue_ms": (t0 - p.arrival) * 1e3, "compute_ms": dt * 1e3,
                   "replica": self.index, "batch_size": n}
       i += p.n
-      p.done.set()
+      p.finish()
 
   def _run_chunk(self) -> None:
     tr = self.trainer

@@ -20,6 +20,8 @@ once the weights are checked finite). A non-finite loss stops training for good
 from __future__ import annotations
 
 import math
+import queue
+import threading
 import time
 from typing import Callable, Optional
 
@@ -29,12 +31,20 @@ import ml_collections
 import numpy as np
 import optax
 
-from coltrain.data import DatasetSpec, train_batches
+from coltrain.data import DatasetSpec, load_split, train_batches, train_batches_in_memory
 from coltrain.numerics.policy import ResolvedPolicy
 from coltrain.serve.model import Weights
 from coltrain.train.optim import make_optimizer
 from coltrain.train.state import create_train_state
 from coltrain.train.step import make_train_step
+
+
+PREFETCH_BATCHES = 2      # global batches read ahead by the input thread
+IN_MEMORY_MAX_BYTES = 512 << 20   # smaller train splits are decoded once, kept in memory
+
+# One dispatch copies a whole pytree (outputs of a jit without donation are fresh
+# buffers).
+_copy_tree = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree))
 
 
 class ChunkTrainer:
@@ -59,11 +69,24 @@ class ChunkTrainer:
     self.state = jax.device_put(state, device)
     self.device = device
     self.image_shape = tuple(spec.image_shape)
-    # Whole global batches (one grain call per optimizer step, not per micro-batch: less
-    # Python on the serving host), cut into micro-batches by slicing.
-    self._batches = train_batches(train_source, global_batch_size=config.batch_size,
-                                  seed=config.seed)
-    self._global = next(self._batches)  # start the pipeline now, not in the first chunk
+    # Whole global batches (one per optimizer step, not per micro-batch), cut into
+    # micro-batches by slicing. A host thread reads them ahead (`_fetch`), so a chunk
+    # never waits for the input pipeline; a small split is decoded once and batches are
+    # gathered from memory (the same batches: `train_batches_in_memory`), because
+    # decoding a global batch takes milliseconds of Python that the front end and the
+    # scheduler would wait for (the GIL).
+    if len(train_source) * int(np.prod(spec.image_shape)) <= IN_MEMORY_MAX_BYTES:
+      self._batches = train_batches_in_memory(load_split(train_source),
+                                              global_batch_size=config.batch_size,
+                                              seed=config.seed)
+    else:
+      self._batches = train_batches(train_source, global_batch_size=config.batch_size,
+                                    seed=config.seed)
+    self._ahead: queue.Queue = queue.Queue(maxsize=PREFETCH_BATCHES)
+    self._closed = threading.Event()
+    self._fetcher = threading.Thread(target=self._fetch, name="train-data", daemon=True)
+    self._fetcher.start()
+    self._global = self._next_global()
     batch = {"image": jax.ShapeDtypeStruct((self.micro_batch,) + spec.image_shape, np.uint8),
              "label": jax.ShapeDtypeStruct((self.micro_batch,), np.int32)}
     num_phases = numerics.num_phases if numerics is not None else 1
@@ -79,6 +102,34 @@ class ChunkTrainer:
     self._candidate = 0                      # optimizer step of the last copy taken
     self.enabled = True           # paused when False (admin switch)
     self.last_loss = float("nan")
+
+  # -- input -----------------------------------------------------------------------------
+  def _fetch(self) -> None:
+    """Host thread: puts the global batches, in order, into `_ahead` (an exception, if
+    the pipeline fails, goes there too and ends the thread)."""
+    try:
+      for batch in self._batches:
+        while not self._closed.is_set():
+          try:
+            self._ahead.put(batch, timeout=0.2)
+            break
+          except queue.Full:
+            continue
+        if self._closed.is_set():
+          return
+    except Exception as e:  # surfaces in the next chunk, which fails the training
+      self._ahead.put(e)
+
+  def _next_global(self) -> dict:
+    batch = self._ahead.get()
+    if isinstance(batch, Exception):
+      raise RuntimeError(f"the training input pipeline failed: {batch}") from batch
+    return batch
+
+  def close(self) -> None:
+    """Stops the input thread (the trainer cannot train afterwards)."""
+    self._closed.set()
+    self._fetcher.join(5)
 
   # -- state ---------------------------------------------------------------------------
   @property
@@ -101,10 +152,11 @@ class ChunkTrainer:
     return self.numerics.phase_at(min(opt_step, self.total_steps - 1), self.total_steps)
 
   def weights(self) -> Weights:
-    """A copy of the current weights (fresh buffers on the trainer's device)."""
+    """A copy of the current weights (fresh buffers on the trainer's device, made by one
+    dispatched computation; safe from the train state's donation)."""
     phase = self.phase_at(max(self.opt_steps - 1, 0))
-    return Weights(self.opt_steps, self.state.params, self.state.model_state,
-                   phase).to_device(self.device)
+    params, model_state = _copy_tree((self.state.params, self.state.model_state))
+    return Weights(self.opt_steps, params, model_state, phase)
 
   # -- work ----------------------------------------------------------------------------
   def warmup(self, runs: int = 3) -> list[float]:
@@ -139,7 +191,7 @@ class ChunkTrainer:
       losses.append(metrics["loss"])
       self.micro_steps += 1
       if j == self.accumulate - 1:
-        self._global = next(self._batches)          # fetched while the step runs
+        self._global = self._next_global()          # read ahead by the input thread
     losses = [float(x) for x in jax.device_get(losses)]
     self.samples += n * self.micro_batch
     bad = [x for x in losses if not math.isfinite(x)]

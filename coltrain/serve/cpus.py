@@ -1,0 +1,114 @@
+"""Splitting a CPU-only machine into an emulated "device" and the host (Linux).
+
+On an accelerator the front end (HTTP, JSON, Python) and the device's work (inference
+batches, training chunks) run on different hardware; on a CPU-only machine XLA's
+threads and the front end compete for the same cores, and a training chunk then delays
+requests that the device would not have delayed. `serve.device_cpus` reserves cores for
+the device: XLA's thread pools and the scheduler threads (the device owners) are pinned
+to them; the host threads (the HTTP front end, the training input pipeline, the main
+thread) run on the remaining cores. Threads created later inherit their creator's set:
+XLA work started by a scheduler thread stays on the device cores.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import threading
+from typing import Optional
+
+
+def parse_cpu_list(text: str) -> frozenset[int]:
+  """'1' / '0,2' / '2-3,6' -> the set of CPU ids; raises ValueError if malformed."""
+  cpus: set[int] = set()
+  for part in text.replace(" ", "").split(","):
+    if not part:
+      raise ValueError(f"empty item in CPU list {text!r}")
+    lo, sep, hi = part.partition("-")
+    try:
+      a, b = int(lo), int(hi) if sep else int(lo)
+    except ValueError:
+      raise ValueError(f"CPU list {text!r}: {part!r} is not an id or a range") from None
+    if a < 0 or b < a:
+      raise ValueError(f"CPU list {text!r}: bad range {part!r}")
+    cpus.update(range(a, b + 1))
+  return frozenset(cpus)
+
+
+def check_device_cpus(text: str) -> Optional[str]:
+  """None if `text` ('' = no split) is usable on this machine, else the problem."""
+  if not text:
+    return None
+  if not hasattr(os, "sched_setaffinity"):
+    return "'serve.device_cpus' needs Linux (sched_setaffinity); leave it empty"
+  try:
+    device = parse_cpu_list(text)
+  except ValueError as e:
+    return f"'serve.device_cpus': {e}"
+  allowed = os.sched_getaffinity(0)
+  if not device <= allowed:
+    return (f"'serve.device_cpus' {text!r} names CPUs {sorted(device - allowed)} this "
+            f"process may not use (allowed: {sorted(allowed)})")
+  if not allowed - device:
+    return (f"'serve.device_cpus' {text!r} leaves no CPU for the front end (allowed: "
+            f"{sorted(allowed)}); reserve fewer")
+  return None
+
+
+@dataclasses.dataclass(frozen=True)
+class CpuPartition:
+  """Device CPUs and host CPUs (disjoint; host = the allowed CPUs minus the device's)."""
+  device: frozenset[int]
+  host: frozenset[int]
+
+  @classmethod
+  def from_config(cls, text: str) -> Optional["CpuPartition"]:
+    """The split `serve.device_cpus` asks for (None for ''); call `check_device_cpus`
+    first."""
+    if not text:
+      return None
+    device = parse_cpu_list(text)
+    return cls(device, frozenset(os.sched_getaffinity(0)) - device)
+
+  def pin_threads(self) -> dict[int, frozenset[int]]:
+    """Pins every current thread of this process: threads started by Python (the main
+    thread, the input pipeline's, ...) to the host CPUs, all others (XLA's thread
+    pools) to the device CPUs. Returns their previous sets (for `restore`). Threads
+    started later inherit their creator's set; device-owner threads call
+    `pin_device_thread` themselves."""
+    python = {t.native_id for t in threading.enumerate()}
+    before = {}
+    for tid in _thread_ids():
+      try:
+        before[tid] = frozenset(os.sched_getaffinity(tid))
+        os.sched_setaffinity(tid, self.host if tid in python else self.device)
+      except OSError:   # the thread ended meanwhile
+        pass
+    return before
+
+  def pin_device_thread(self) -> None:
+    """Pins the calling thread to the device CPUs."""
+    os.sched_setaffinity(0, self.device)
+
+  @staticmethod
+  def restore(before: dict[int, frozenset[int]]) -> None:
+    for tid, cpus in before.items():
+      try:
+        os.sched_setaffinity(tid, cpus)
+      except OSError:
+        pass
+
+
+def _thread_ids() -> list[int]:
+  return [int(t) for t in os.listdir("/proc/self/task")]
+
+
+def thread_cpus() -> dict[int, frozenset[int]]:
+  """{thread id: allowed CPUs} of every thread of this process (for tests, reports)."""
+  out = {}
+  for tid in _thread_ids():
+    try:
+      out[tid] = frozenset(os.sched_getaffinity(tid))
+    except OSError:
+      pass
+  return out

@@ -1,0 +1,61 @@
+"""Splitting a CPU machine into the emulated device and the host (coltrain.serve.cpus)."""
+
+import os
+
+import pytest
+
+from coltrain.config import ConfigError
+from coltrain.serve import Server, validate_serve
+from coltrain.serve.cpus import check_device_cpus, parse_cpu_list, thread_cpus
+from tests.test_serve_server import serve_cfg
+
+
+def test_cpu_lists_parse_ids_and_ranges():
+  assert parse_cpu_list("1") == {1}
+  assert parse_cpu_list("0,2") == {0, 2}
+  assert parse_cpu_list("2-4, 7") == {2, 3, 4, 7}
+  for bad in ("", "a", "1,", "3-1", "-1", "1-b"):
+    with pytest.raises(ValueError):
+      parse_cpu_list(bad)
+
+
+def test_device_cpus_are_checked_against_this_machine():
+  allowed = sorted(os.sched_getaffinity(0))
+  assert check_device_cpus("") is None
+  assert "may not use" in check_device_cpus(str(max(allowed) + 1000))
+  assert "leaves no CPU" in check_device_cpus(",".join(map(str, allowed)))
+  assert "not an id" in check_device_cpus("x")
+  c = serve_cfg(**{"serve.device_cpus": "x"})
+  with pytest.raises(ConfigError, match="device_cpus"):
+    validate_serve(c)
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2,
+                    reason="a device/host split needs at least 2 usable cores")
+def test_server_runs_device_work_and_front_end_on_disjoint_cores(tfds_dir):
+  allowed = frozenset(os.sched_getaffinity(0))
+  device = max(allowed)
+  host = allowed - {device}
+  before = thread_cpus()
+  s = Server(serve_cfg(**{"serve.device_cpus": str(device), "serve.slo_ms": 1000.0}),
+             log=lambda m: None).start()
+  try:
+    import threading
+    python = {t.native_id: t.name for t in threading.enumerate()}
+    now = thread_cpus()
+    assert now[s._http._thread.native_id] == host          # the front end
+    assert now[s.trainer._fetcher.native_id] == host        # the training input
+    for sch in s.schedulers:                                # the device owners
+      assert now[sch._thread.native_id] == {device}
+    native = [tid for tid in now if tid not in python]
+    assert native                                           # XLA's pools ...
+    for tid in native:
+      assert now[tid] == {device}, tid                      # ... on the device core
+    from tests.test_serve_server import call, infer_body
+    assert call(s, "POST", "/v2/models/digits/infer", infer_body())[0] == 200
+  finally:
+    s.stop()
+  after = thread_cpus()
+  for tid, cpus in before.items():   # stop() gives the threads their cores back
+    if tid in after:
+      assert after[tid] == cpus

@@ -6,7 +6,9 @@
 Prints `coltrain-serve: listening on http://HOST:PORT` once ready (and writes the port
 to --port_file, for scripts). SIGINT/SIGTERM stop it cleanly (exit 0). Several replicas
 (`--config.serve.replicas=R`) need R local devices: on CPU set JAX_NUM_CPU_DEVICES=R
-(NPROC, XLA's CPU thread pool, is then set to at least twice that unless given).
+(NPROC, XLA's CPU thread pool, is then set to at least twice that unless given). With
+`--config.serve.device_cpus=LIST` on the command line NPROC defaults to the number of
+reserved cores.
 """
 
 from __future__ import annotations
@@ -17,8 +19,30 @@ import signal
 import sys
 import threading
 
-os.environ.setdefault(
-    "NPROC", str(max(2 * int(os.environ.get("JAX_NUM_CPU_DEVICES") or 1), os.cpu_count() or 1)))
+
+
+def _default_nproc(argv: list[str]) -> int:
+  """XLA's CPU thread pool size (NPROC; read once, when JAX starts, so before flags are
+  parsed): one thread per reserved device core with `--config.serve.device_cpus=...` on
+  the command line (more threads than cores only queue on them and stretch the tail),
+  else at least twice the local device count (collectives) and every core."""
+  devices = int(os.environ.get("JAX_NUM_CPU_DEVICES") or 1)
+  for i, arg in enumerate(argv):
+    value = None
+    if arg.startswith("--config.serve.device_cpus="):
+      value = arg.split("=", 1)[1]
+    elif arg == "--config.serve.device_cpus" and i + 1 < len(argv):
+      value = argv[i + 1]
+    if value:
+      from coltrain.serve.cpus import parse_cpu_list
+      try:
+        return max(len(parse_cpu_list(value)), 2 * devices if devices > 1 else 1)
+      except ValueError:
+        break   # the config check reports it
+  return max(2 * devices, os.cpu_count() or 1)
+
+
+os.environ.setdefault("NPROC", str(_default_nproc(sys.argv)))
 
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402

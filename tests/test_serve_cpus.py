@@ -59,3 +59,13 @@ def test_server_runs_device_work_and_front_end_on_disjoint_cores(tfds_dir):
   for tid, cpus in before.items():   # stop() gives the threads their cores back
     if tid in after:
       assert after[tid] == cpus
+
+
+def test_launch_serve_sizes_xla_pool_to_the_reserved_cores(monkeypatch):
+  from launch.serve import _default_nproc
+  monkeypatch.delenv("JAX_NUM_CPU_DEVICES", raising=False)
+  assert _default_nproc(["--config", "c.py", "--config.serve.device_cpus=1"]) == 1
+  assert _default_nproc(["--config.serve.device_cpus", "2-4"]) == 3
+  assert _default_nproc([]) == max(2, os.cpu_count() or 1)
+  monkeypatch.setenv("JAX_NUM_CPU_DEVICES", "4")
+  assert _default_nproc(["--config.serve.device_cpus=1"]) == 8   # collectives need > 4

@@ -320,3 +320,50 @@ def test_precheck_refuses_hopeless_requests_before_they_are_parsed():
   with pytest.raises(Shed) as e:
     r.precheck(clock())
   assert e.value.reason == "deadline"
+
+
+def _batch_wait_after(s, arrivals):
+  """`_batch_wait` right after `arrivals` requests were submitted (rate estimate
+  updated)."""
+  for _ in range(arrivals):
+    s.submit(pending(1))
+  with s._cv:
+    return s._batch_wait(clock())
+
+
+def test_batching_waits_only_when_more_requests_are_likely_and_training_is_off():
+  delay = 0.05
+  s, _ = make_sched(delay=delay)         # 1 request: rate ~1/s x 50 ms << 1: run at once
+  assert _batch_wait_after(s, 1) <= 0
+  s, _ = make_sched(delay=delay, max_batch=1024)
+  w = _batch_wait_after(s, 100)
+  assert 0 < w <= delay                  # waits for a fuller batch, at most the delay
+  s, _ = make_sched(delay=delay, max_batch=1024, trainer=FakeTrainer([]))
+  assert _batch_wait_after(s, 100) <= 0   # training active: never idle-wait
+
+
+def test_admission_adds_the_measured_slip_to_predictions():
+  s, _ = make_sched(slo=0.05, infer_s=lambda b: 0.001)
+  s._busy_until = clock() + 0.010            # busy for 10 ms: not idle
+  router = Router([s], ServeMetrics(), slo_s=0.05, margin_s=0.0)
+  p = router.submit(np.zeros((1,) + SHAPE, np.float32))   # ~12 ms of 50: admitted
+  assert p.predicted is not None and p.predicted > p.arrival
+  for _ in range(50):                        # responses went out 60 ms later than predicted
+    router.completed(p, p.predicted + 0.060)
+  assert router.slip_s() >= 0.05
+  s._busy_until = clock() + 0.010
+  with pytest.raises(Shed):
+    router.submit(np.zeros((1,) + SHAPE, np.float32))
+  fresh = Router([s], ServeMetrics(), slo_s=0.05, margin_s=0.0)
+  assert fresh.slip_s() == 0.0
+  s._busy_until = clock() + 0.010
+  fresh.submit(np.zeros((1,) + SHAPE, np.float32))        # without the slip: admitted
+
+
+def test_a_request_that_waited_in_the_front_end_is_shed_even_on_an_idle_replica():
+  s, _ = make_sched(slo=0.05)
+  router = Router([s], ServeMetrics(), slo_s=0.05, margin_s=0.0)
+  assert s.idle(clock())
+  router.submit(np.zeros((1,) + SHAPE, np.float32), arrival=clock() - 0.001)  # fresh: ok
+  with pytest.raises(Shed):    # arrived 60 ms ago (a front-end backlog): already late
+    router.submit(np.zeros((1,) + SHAPE, np.float32), arrival=clock() - 0.060)

@@ -221,3 +221,39 @@ def test_more_replicas_than_devices_is_a_clear_error(tfds_dir):
   from coltrain.config import ConfigError
   with pytest.raises(ConfigError, match="JAX_NUM_CPU_DEVICES"):
     Server(serve_cfg(**{"serve.replicas": 64}), log=lambda m: None)
+
+
+def test_a_chunked_body_is_accepted(server):
+  conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+  try:
+    body = infer_body()
+    conn.request("POST", "/v2/models/digits/infer", body=iter([body[:100], body[100:]]),
+                 encode_chunked=True, headers={"Transfer-Encoding": "chunked"})
+    r = conn.getresponse()
+    out = json.loads(r.read())
+  finally:
+    conn.close()
+  assert r.status == 200 and out["outputs"][0]["shape"] == [1, 10]
+
+
+def test_loop_lag_measures_how_long_ready_work_waits():
+  import asyncio
+  from coltrain.serve.frontend import LoopLag
+
+  async def main():
+    lag = LoopLag(period=0.001)
+    lag.start(asyncio.get_running_loop())
+    await asyncio.sleep(0.02)
+    quiet = lag.seconds
+    loop = asyncio.get_running_loop()
+    for _ in range(5):                    # 50 ms of work is ready before the probe
+      loop.call_soon(time.sleep, 0.01)
+    lag._probe()
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    busy = lag.seconds
+    await asyncio.sleep(0.05)             # idle again: the estimate decays
+    return quiet, busy, lag.seconds
+
+  quiet, busy, after = asyncio.run(main())
+  assert busy >= 0.05 and after < busy and quiet < 0.05

@@ -124,3 +124,18 @@ def test_warmup_leaves_the_state_and_data_untouched(tfds_dir):
   assert tr.micro_steps == 0 and int(tr.state.step) == 0
   for a, b in zip(before, jax.tree.leaves(tr.state.params)):
     np.testing.assert_array_equal(a, np.asarray(b))
+
+
+def test_input_is_read_ahead_and_a_failed_input_pipeline_surfaces(tfds_dir):
+  c = serve_cfg()
+  tr, *_ = make_trainer(c, tfds_dir, [])
+  assert tr._fetcher.is_alive()
+  tr.run_chunk()                        # 2 micro-batches of 4 out of the first global batch
+  tr.close()
+  assert not tr._fetcher.is_alive()     # close() stops the input thread
+  while not tr._ahead.empty():
+    tr._ahead.get()
+  tr._ahead.put(OSError("disk gone"))   # what the input thread hands over when it fails
+  with pytest.raises(RuntimeError, match="input pipeline failed: disk gone"):
+    for _ in range(4):                  # the next global batch is needed within 2 chunks
+      tr.run_chunk()

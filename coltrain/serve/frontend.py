@@ -261,9 +261,11 @@ class FrontEnd:
         model_name=app.model_name, version=r["version"], req_id=req.id, logits=r["logits"],
         parameters={"queue_ms": round(r["queue_ms"], 3), "compute_ms": round(r["compute_ms"], 3),
                     "replica": r["replica"], "batch_size": r["batch_size"]})
-    m.request_seconds.observe(clock() - arrival)
     m.requests.labels(code="200").inc()
     await _send(send, 200, payload)
+    sent = clock()
+    m.request_seconds.observe(sent - arrival)
+    router.completed(pending, sent)
 
   def _shed(self, e: Shed) -> HTTPError:
     self.app.metrics.requests.labels(code="503").inc()

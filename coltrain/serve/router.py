@@ -4,10 +4,12 @@
 counted from its arrival), asks every replica when the request would complete there
 (`DeviceScheduler.expected_completion`: current work, queued work and the new batch, all
 from online timings, including a training chunk in progress) and queues it on the
-replica that finishes it first. If even that replica would miss the deadline (minus the
-safety margin), or every queue is at its cap, the request is shed: `Shed` carries the
-reason and a Retry-After hint, and the HTTP layer answers 503 instead of letting the
-queue grow. A request that would start at once on an idle replica is never shed (there
+replica that finishes it first. Predictions add the measured slip (how much later than
+predicted recent responses were actually sent: the response path and front-end delays
+the device-side prediction cannot see). If even that replica would miss the deadline
+(minus the safety margin), or every queue is at its cap, the request is shed: `Shed`
+carries the reason and a Retry-After hint, and the HTTP layer answers 503 instead of
+letting the queue grow. A request that would start at once on an idle replica is never shed (there
 is no backlog to avoid, and serving it keeps the online timings fresh).
 """
 
@@ -21,6 +23,7 @@ import numpy as np
 
 from coltrain.serve.metrics import ServeMetrics
 from coltrain.serve.scheduler import DeviceScheduler, Pending, clock
+from coltrain.serve.timing import OnlineTimer
 
 
 class Shed(Exception):
@@ -45,6 +48,7 @@ class Router:
     self.margin_s = margin_s
     self._lock = threading.Lock()
     self._incoming = 0   # requests the HTTP layer is receiving (not yet submitted)
+    self._slip = OnlineTimer(alpha=0.05)
     for s in self.schedulers:
       s.incoming = self.incoming
 
@@ -78,12 +82,25 @@ class Router:
     # may be stale), unless the request already spent half its budget before it got
     # here (a front-end backlog): then the prediction is trusted.
     fresh = now - arrival < 0.5 * budget
+    best_t += self.slip_s()
     if best_t > deadline - self.margin_s and not (fresh and best.idle(now)):
       self.metrics.shed.labels(reason="deadline").inc()
       late = best_t - (deadline - self.margin_s)
       raise Shed("deadline", max(late, best_t - now),
                  f"overloaded: predicted completion in {1e3 * (best_t - arrival):.1f} ms "
                  f"misses the {1e3 * budget:.1f} ms deadline; retry later")
+
+  def slip_s(self) -> float:
+    """How much later than predicted requests have been finishing (seconds; EWMA mean
+    + 2 deviations of the positive part): admission adds it to every prediction."""
+    return self._slip.predict("slip", 0.0)
+
+  def completed(self, p: Pending, sent_at: float) -> None:
+    """The HTTP layer sent `p`'s response at `sent_at`: learns the slip between that
+    and the completion predicted at admission (the response path, GIL waits and
+    front-end delays that the device-side prediction does not see)."""
+    if p.predicted is not None:
+      self._slip.update("slip", max(0.0, sent_at - p.predicted))
 
   def precheck(self, arrival: float) -> None:
     """Raises `Shed` if even one image arriving at `arrival` with the default deadline
@@ -106,7 +123,8 @@ class Router:
     with self._lock:
       best, best_t = self._best(n, now)
       self._check(best, best_t, now, arrival, deadline, budget)
-      p = Pending(images=images, arrival=arrival, deadline=deadline, on_done=on_done)
+      p = Pending(images=images, arrival=arrival, deadline=deadline, on_done=on_done,
+                  predicted=best_t)
       best.submit(p)
     return p
 

@@ -3,18 +3,18 @@
 `DeviceScheduler` is the only thread that runs work on its device. Its loop:
 
 1. **Inference first.** While requests are queued it forms a batch (FIFO, whole
-   requests, at most `max_batch` images): it waits for a fuller batch only if requests
-   arrive faster than one per `max_queue_delay` (measured rate), only while the oldest
-   request has waited less than `max_queue_delay` and the earliest deadline still
-   leaves room for the predicted batch time; then it runs the batch (padded to its
-   power-of-two bucket) on the current weights and completes the requests.
+   requests, at most `max_batch` images) and runs it (padded to its power-of-two
+   bucket) on the current weights. It waits for a fuller batch only if training is off
+   (with training on the device is never idle, and requests that arrive during a chunk
+   batch up by themselves), requests arrive faster than one per `max_queue_delay`
+   (measured rate), the oldest request has waited less than `max_queue_delay` and the
+   earliest deadline still leaves room for the predicted batch time.
 2. **Training in the slack.** With nothing queued and no request being received, it
-   runs one training chunk (see
-   `ChunkTrainer`) only if the chunk's predicted time fits the slack: a request that
-   arrives just after the chunk starts waits for it, so the chunk plus the predicted time
-   of the batch that will have formed meanwhile (from the measured arrival rate) plus the
-   safety margin must fit in the SLO (and in `max_chunk`, if set). Chunk and batch times
-   are measured online (`OnlineTimer`).
+   runs one training chunk (see `ChunkTrainer`) only if the chunk's predicted time fits
+   the slack: a request that arrives just after the chunk starts waits for it, so the
+   chunk plus the predicted time of the batch that will have formed meanwhile (from the
+   measured arrival rate) plus the safety margin must fit in the SLO (and in
+   `max_chunk`, if set). Chunk and batch times are measured online (`OnlineTimer`).
 3. Otherwise it sleeps until a request arrives.
 
 `expected_completion(n, now)` predicts when `n` more images would be done here (current
@@ -51,6 +51,7 @@ class Pending:
   arrival: float
   deadline: float
   on_done: Optional[Callable[[], None]] = None
+  predicted: Optional[float] = None   # completion predicted at admission (clock())
   done: threading.Event = dataclasses.field(default_factory=threading.Event)
   result: Optional[dict] = None
   error: Optional[str] = None
@@ -221,6 +222,10 @@ class DeviceScheduler:
     # Waiting pays only if another request is likely to arrive within the delay: at low
     # load a lone request runs at once instead of idling for `max_queue_delay`.
     if self.arrival_rate(now) * self.max_queue_delay_s < 1.0:
+      return 0.0
+    # With training active the device is never left idle, so there is nothing to gain by
+    # holding a request back: requests that arrive during a chunk batch up by themselves.
+    if self.trainer is not None and self.trainer.active:
       return 0.0
     oldest = self._queue[0]
     earliest = min(p.deadline for p in self._queue)

@@ -412,7 +412,7 @@ def main(argv=None) -> int:
 
 def split_cpus(spec: str) -> tuple[str, frozenset]:
   """('device cpu list' for serve.device_cpus, host cpu set) for --device_cpus."""
-  from coltrain.serve.cpus import check_device_cpus, parse_cpu_list
+  from coltrain.cpus import check_device_cpus, parse_cpu_list
   allowed = frozenset(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else \
       frozenset(range(os.cpu_count() or 1))
   if spec == "auto":

@@ -636,16 +636,11 @@ def load_images(path: Optional[str], seed: int) -> tuple[np.ndarray, Optional[np
 
 def parse_cpus(spec: str) -> set[int]:
   """CPU ids from '0', '0,1' or '0-3' (ValueError when malformed or not on this host)."""
-  cpus: set[int] = set()
-  for part in spec.split(","):
-    lo, sep, hi = part.strip().partition("-")
-    try:
-      first, last = int(lo), int(hi) if sep else int(lo)
-    except ValueError:
-      raise ValueError(f"--cpus takes ids like 0 or 0,1 or 0-3, got {spec!r}") from None
-    if first < 0 or last < first:
-      raise ValueError(f"--cpus: bad CPU range {part.strip()!r}")
-    cpus.update(range(first, last + 1))
+  from coltrain.cpus import parse_cpu_list   # dependency-free (no JAX in the generator)
+  try:
+    cpus = set(parse_cpu_list(spec))
+  except ValueError as e:
+    raise ValueError(f"--cpus takes ids like 0 or 0,1 or 0-3: {e}") from None
   n = os.cpu_count() or 1
   bad = sorted(c for c in cpus if c >= n)
   if bad:

@@ -34,7 +34,7 @@ def _default_nproc(argv: list[str]) -> int:
     elif arg == "--config.serve.device_cpus" and i + 1 < len(argv):
       value = argv[i + 1]
     if value:
-      from coltrain.serve.cpus import parse_cpu_list
+      from coltrain.cpus import parse_cpu_list
       try:
         return max(len(parse_cpu_list(value)), 2 * devices if devices > 1 else 1)
       except ValueError:

@@ -1,4 +1,4 @@
-"""Splitting a CPU machine into the emulated device and the host (coltrain.serve.cpus)."""
+"""Splitting a CPU machine into the emulated device and the host (coltrain.cpus)."""
 
 import os
 
@@ -6,7 +6,7 @@ import pytest
 
 from coltrain.config import ConfigError
 from coltrain.serve import Server, validate_serve
-from coltrain.serve.cpus import check_device_cpus, parse_cpu_list, thread_cpus
+from coltrain.cpus import check_device_cpus, parse_cpu_list, thread_cpus
 from tests.test_serve_server import serve_cfg
 
 

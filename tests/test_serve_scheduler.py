@@ -342,22 +342,23 @@ def test_batching_waits_only_when_more_requests_are_likely_and_training_is_off()
   assert _batch_wait_after(s, 100) <= 0   # training active: never idle-wait
 
 
-def test_admission_adds_the_measured_slip_to_predictions():
+def test_admission_adds_the_measured_response_delay_to_predictions():
   s, _ = make_sched(slo=0.05, infer_s=lambda b: 0.001)
   s._busy_until = clock() + 0.010            # busy for 10 ms: not idle
   router = Router([s], ServeMetrics(), slo_s=0.05, margin_s=0.0)
   p = router.submit(np.zeros((1,) + SHAPE, np.float32))   # ~12 ms of 50: admitted
-  assert p.predicted is not None and p.predicted > p.arrival
-  for _ in range(50):                        # responses went out 60 ms later than predicted
-    router.completed(p, p.predicted + 0.060)
-  assert router.slip_s() >= 0.05
+  p.finish()
+  assert p.done.is_set() and p.finished_at is not None
+  for _ in range(50):                        # responses went out 60 ms after the results
+    router.completed(p, p.finished_at + 0.060)
+  assert router.response_delay_s() >= 0.05
   s._busy_until = clock() + 0.010
   with pytest.raises(Shed):
     router.submit(np.zeros((1,) + SHAPE, np.float32))
   fresh = Router([s], ServeMetrics(), slo_s=0.05, margin_s=0.0)
-  assert fresh.slip_s() == 0.0
+  assert fresh.response_delay_s() == 0.0
   s._busy_until = clock() + 0.010
-  fresh.submit(np.zeros((1,) + SHAPE, np.float32))        # without the slip: admitted
+  fresh.submit(np.zeros((1,) + SHAPE, np.float32))        # without the delay: admitted
 
 
 def test_a_request_that_waited_in_the_front_end_is_shed_even_on_an_idle_replica():
@@ -367,3 +368,22 @@ def test_a_request_that_waited_in_the_front_end_is_shed_even_on_an_idle_replica(
   router.submit(np.zeros((1,) + SHAPE, np.float32), arrival=clock() - 0.001)  # fresh: ok
   with pytest.raises(Shed):    # arrived 60 ms ago (a front-end backlog): already late
     router.submit(np.zeros((1,) + SHAPE, np.float32), arrival=clock() - 0.060)
+
+
+def test_shedding_holds_training_off_for_the_holdoff():
+  log = []
+  trainer = FakeTrainer(log)
+  s, _ = make_sched(trainer=trainer, slo=0.05)
+  router = Router([s], ServeMetrics(), slo_s=0.05, margin_s=0.0, shed_holdoff_s=0.3)
+  s._busy_until = clock() + 0.2              # busy for 200 ms: a 50 ms deadline is hopeless
+  with pytest.raises(Shed):
+    router.submit(np.zeros((1,) + SHAPE, np.float32))
+  shed_at = clock()
+  s._busy_until = 0.0
+  s.start()
+  try:
+    wait_for(lambda: trainer.calls >= 1)
+    first = clock()
+  finally:
+    s.stop()
+  assert first - shed_at >= 0.3 - 0.01       # no chunk during the hold-off

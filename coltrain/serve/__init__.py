@@ -9,7 +9,7 @@ schedulers run inference first and train the served model in the idle cycles.
   scheduler.py  one thread per device: batching, deadlines, training in the slack
   router.py     admission control (shedding) and least-expected-completion routing
   metrics.py    Prometheus metrics
-  frontend.py   the HTTP endpoints
+  frontend.py   the HTTP endpoints (ASGI on uvicorn), front-end backlog estimate
   server.py     `Server`, assembling all of the above from a config
 """
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import ml_collections
 
-from coltrain.serve.cpus import check_device_cpus
+from coltrain.cpus import check_device_cpus
 from coltrain.config import (ConfigError, _type_ok, base_config,
                              unknown_override_keys, validate)
 
@@ -28,6 +28,7 @@ SERVE_DEFAULTS: dict[str, Any] = {
     "max_batch_size": 32,       # images per inference batch (a power of two)
     "max_queue": 4096,          # queued requests per replica before shedding (hard cap)
     "margin_ms": 1.0,           # safety margin in deadline/slack predictions (HTTP, jitter)
+    "shed_holdoff_ms": 250.0,   # no training chunk starts this long after a shed request
     "replicas": 1,              # scheduler threads, one per (simulated) device
     "train": True,              # co-located training in idle cycles
     "train_replica": 0,         # the replica whose device trains
@@ -39,7 +40,7 @@ SERVE_DEFAULTS: dict[str, Any] = {
     "device_cpus": "",          # CPU-only machines: cores reserved for the emulated
                                 #   device ("1", "2-3"): XLA and the schedulers run
                                 #   there, the HTTP front end on the other cores ("" =
-                                #   no split; see coltrain/serve/cpus.py)
+                                #   no split; see coltrain/cpus.py)
 }
 
 
@@ -95,6 +96,8 @@ def validate_serve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
        f"'serve.max_batch_size' must be a power of two >= 1, got {b}")
   need(s["max_queue"] >= 1, f"'serve.max_queue' must be >= 1, got {s['max_queue']}")
   need(s["margin_ms"] >= 0, f"'serve.margin_ms' must be >= 0, got {s['margin_ms']}")
+  need(s["shed_holdoff_ms"] >= 0,
+       f"'serve.shed_holdoff_ms' must be >= 0, got {s['shed_holdoff_ms']}")
   need(s["replicas"] >= 1, f"'serve.replicas' must be >= 1, got {s['replicas']}")
   need(0 <= s["train_replica"] < max(s["replicas"], 1),
        f"'serve.train_replica' must be in [0, replicas={s['replicas']}), "

@@ -4,13 +4,16 @@
 counted from its arrival), asks every replica when the request would complete there
 (`DeviceScheduler.expected_completion`: current work, queued work and the new batch, all
 from online timings, including a training chunk in progress) and queues it on the
-replica that finishes it first. Predictions add the measured slip (how much later than
-predicted recent responses were actually sent: the response path and front-end delays
-the device-side prediction cannot see). If even that replica would miss the deadline
+replica that finishes it first. Predictions add the measured response delay (how long
+recent results waited for the front end to send them, which the device-side prediction
+cannot see and which grows when the front end is overloaded). If even that replica
+would miss the deadline
 (minus the safety margin), or every queue is at its cap, the request is shed: `Shed`
 carries the reason and a Retry-After hint, and the HTTP layer answers 503 instead of
-letting the queue grow. A request that would start at once on an idle replica is never shed (there
-is no backlog to avoid, and serving it keeps the online timings fresh).
+letting the queue grow, and no replica starts a training chunk for `shed_holdoff_s`
+(training must not take cycles while inference is refused). A request that would start at once on an idle replica is not
+shed (there is no backlog to avoid, and serving it keeps the online timings fresh)
+unless it already spent half its budget before it was submitted (a front-end backlog).
 """
 
 from __future__ import annotations
@@ -39,16 +42,17 @@ class Router:
   """Routes admitted requests to the replica with the least expected completion time."""
 
   def __init__(self, schedulers: Sequence[DeviceScheduler], metrics: ServeMetrics,
-               slo_s: float, margin_s: float):
+               slo_s: float, margin_s: float, shed_holdoff_s: float = 0.25):
     if not schedulers:
       raise ValueError("a router needs at least one replica")
     self.schedulers = list(schedulers)
     self.metrics = metrics
     self.slo_s = slo_s
     self.margin_s = margin_s
+    self.shed_holdoff_s = shed_holdoff_s
     self._lock = threading.Lock()
     self._incoming = 0   # requests the HTTP layer is receiving (not yet submitted)
-    self._slip = OnlineTimer(alpha=0.05)
+    self._response = OnlineTimer(alpha=0.05)
     for s in self.schedulers:
       s.incoming = self.incoming
 
@@ -77,30 +81,33 @@ class Router:
              budget: float) -> None:
     if best is None:
       self.metrics.shed.labels(reason="queue_full").inc()
+      for s in self.schedulers:
+        s.hold_training(now + self.shed_holdoff_s)
       raise Shed("queue_full", 1.0, "every replica's queue is full; retry later")
     # An idle replica starts the request at once: never shed it (its timing estimate
     # may be stale), unless the request already spent half its budget before it got
     # here (a front-end backlog): then the prediction is trusted.
     fresh = now - arrival < 0.5 * budget
-    best_t += self.slip_s()
+    best_t += self.response_delay_s()
     if best_t > deadline - self.margin_s and not (fresh and best.idle(now)):
       self.metrics.shed.labels(reason="deadline").inc()
+      for s in self.schedulers:   # inference is being refused: no training for a while
+        s.hold_training(now + self.shed_holdoff_s)
       late = best_t - (deadline - self.margin_s)
       raise Shed("deadline", max(late, best_t - now),
                  f"overloaded: predicted completion in {1e3 * (best_t - arrival):.1f} ms "
                  f"misses the {1e3 * budget:.1f} ms deadline; retry later")
 
-  def slip_s(self) -> float:
-    """How much later than predicted requests have been finishing (seconds; EWMA mean
-    + 2 deviations of the positive part): admission adds it to every prediction."""
-    return self._slip.predict("slip", 0.0)
+  def response_delay_s(self) -> float:
+    """How long results wait for the front end to send them (seconds; EWMA mean + 2
+    deviations): admission adds it to every device-side prediction."""
+    return self._response.predict("delay", 0.0)
 
   def completed(self, p: Pending, sent_at: float) -> None:
-    """The HTTP layer sent `p`'s response at `sent_at`: learns the slip between that
-    and the completion predicted at admission (the response path, GIL waits and
-    front-end delays that the device-side prediction does not see)."""
-    if p.predicted is not None:
-      self._slip.update("slip", max(0.0, sent_at - p.predicted))
+    """The HTTP layer sent `p`'s response at `sent_at`: learns the delay since the
+    scheduler finished it (the response path: event-loop wake-up, GIL, encoding)."""
+    if p.finished_at is not None:
+      self._response.update("delay", max(0.0, sent_at - p.finished_at))
 
   def precheck(self, arrival: float) -> None:
     """Raises `Shed` if even one image arriving at `arrival` with the default deadline
@@ -123,8 +130,7 @@ class Router:
     with self._lock:
       best, best_t = self._best(n, now)
       self._check(best, best_t, now, arrival, deadline, budget)
-      p = Pending(images=images, arrival=arrival, deadline=deadline, on_done=on_done,
-                  predicted=best_t)
+      p = Pending(images=images, arrival=arrival, deadline=deadline, on_done=on_done)
       best.submit(p)
     return p
 

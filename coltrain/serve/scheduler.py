@@ -9,8 +9,9 @@
    batch up by themselves), requests arrive faster than one per `max_queue_delay`
    (measured rate), the oldest request has waited less than `max_queue_delay` and the
    earliest deadline still leaves room for the predicted batch time.
-2. **Training in the slack.** With nothing queued and no request being received, it
-   runs one training chunk (see `ChunkTrainer`) only if the chunk's predicted time fits
+2. **Training in the slack.** With nothing queued, no request being received and no
+   request refused by admission control in the last `shed_holdoff`, it runs one
+   training chunk (see `ChunkTrainer`) only if the chunk's predicted time fits
    the slack: a request that arrives just after the chunk starts waits for it, so the
    chunk plus the predicted time of the batch that will have formed meanwhile (from the
    measured arrival rate) plus the safety margin must fit in the SLO (and in
@@ -51,7 +52,7 @@ class Pending:
   arrival: float
   deadline: float
   on_done: Optional[Callable[[], None]] = None
-  predicted: Optional[float] = None   # completion predicted at admission (clock())
+  finished_at: Optional[float] = None   # clock() when `finish()` ran
   done: threading.Event = dataclasses.field(default_factory=threading.Event)
   result: Optional[dict] = None
   error: Optional[str] = None
@@ -61,6 +62,7 @@ class Pending:
     return int(self.images.shape[0])
 
   def finish(self) -> None:
+    self.finished_at = clock()
     self.done.set()
     if self.on_done is not None:
       self.on_done()
@@ -94,6 +96,7 @@ class DeviceScheduler:
     self._thread: Optional[threading.Thread] = None
     self._on_thread_start: Optional[Callable[[], None]] = None
     self.train_skips = 0     # idle moments when the chunk did not fit the slack
+    self._hold_training_until = 0.0
     self.incoming = lambda: 0  # requests being received/parsed (set by the server)
     self._busy_metric = metrics.inference_busy.labels(replica=str(index))
 
@@ -191,6 +194,12 @@ class DeviceScheduler:
     with self._cv:
       return not self._queue and self._busy_until <= now
 
+  def hold_training(self, until: float) -> None:
+    """No training chunk starts before `until` (clock()): admission control calls this
+    when it refuses a request, so that training never takes cycles while inference is
+    being shed (which would keep the overload going)."""
+    self._hold_training_until = max(self._hold_training_until, until)
+
   def queue_full(self) -> bool:
     return len(self._queue) >= self.max_queue
 
@@ -264,6 +273,9 @@ class DeviceScheduler:
           if self.trainer is not None and self.trainer.active:
             if self.incoming():   # a request is being parsed: it will be queued soon
               self._cv.wait(0.0005)
+              continue
+            if now < self._hold_training_until:   # requests were refused just now
+              self._cv.wait(min(self._hold_training_until - now, 0.01))
               continue
             if self.chunk_fits(now):
               train = True

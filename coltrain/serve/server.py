@@ -27,7 +27,7 @@ from coltrain.config import ConfigError
 from coltrain.data import open_dataset
 from coltrain.models import get_model
 from coltrain.serve.config import validate_serve
-from coltrain.serve.cpus import CpuPartition
+from coltrain.cpus import CpuPartition
 from coltrain.serve.frontend import HTTPThread
 from coltrain.serve.metrics import ServeMetrics
 from coltrain.serve.model import Predictor, Weights
@@ -93,7 +93,7 @@ class Server:
     self.batch1_device_s = float(np.median([w[1] for w in self.warmup_seconds]))
     self.batch1_http_s: Optional[float] = None
     self._router = Router(self.schedulers, self.metrics, CALIBRATION_SLO_S,
-                          s.margin_ms / 1e3)
+                          s.margin_ms / 1e3, s.shed_holdoff_ms / 1e3)
     self._set_slo(s.slo_ms / 1e3 if s.slo_ms > 0 else CALIBRATION_SLO_S)
     self.metrics.model_version.set(weights.version)
     self.cpus = CpuPartition.from_config(s.device_cpus)

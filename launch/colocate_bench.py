@@ -519,7 +519,10 @@ def plot(results: dict, path: str) -> None:
   ax2.set_xlabel("load rho (fraction of capacity)")
   ax2.set_ylabel("training samples/s")
   ax2.legend()
-  fig.suptitle(f"LeNet / MNIST-5k on a shared 2-core CPU, SLO {results['slo_ms']:.1f} ms")
+  c = results.get("conditions", {})
+  where = (f"device core(s) {c['device_cpus']}, host core(s) {c['host_cpus']}"
+           if c.get("device_cpus") else f"{c.get('cpus', '?')} shared cores")
+  fig.suptitle(f"LeNet / MNIST-5k on CPU ({where}), SLO {results['slo_ms']:.1f} ms")
   fig.tight_layout()
   fig.savefig(path, dpi=110)
 

@@ -17,13 +17,18 @@ drifts of a shared machine from favouring one of them.
 Steps: (1) SLO = 5 x the median latency of isolated batch-1 requests (one at a time,
 25/s, so each finds the server idle) to a fresh inference-only server (unless
 --slo_ms); (2) capacity = the best goodput (requests/s served within the SLO) of a
-closed loop at 1, 2, 4, 8 or 16 concurrent clients on (A);
-(3) B's training samples/s (before and after the sweep; their mean is used); (4) for each rho in {0.1, 0.3, 0.5, 0.7, 0.9}: open-loop
-Poisson load at rho x capacity on A, C and D (and bursty Gamma CV 2 load on A and D);
-(5) overload at rho = 1.5 on D; (6) 1,000 malformed requests, then a health check and a
+closed loop at 1, 2, 4, 8 or 16 concurrent clients on (A); (3) B's training
+samples/s (before and after the sweep; their mean is used); (4) for each rho in
+{0.1, 0.3, 0.5, 0.7, 0.9}: open-loop Poisson load at rho x capacity on A, C and D (and
+bursty Gamma CV 2 load on A and D);
+(5) overload at rho = 1.5 on D and A; (6) 1,000 malformed requests, then a health check and a
 valid request. Training throughput is the servers' `coltrain_train_samples_total` rate
 over the exact arrival window of each run (sampled 5 times a second); U (inference busy
 fraction) is `coltrain_inference_busy_seconds_total`'s rate in A.
+
+Cores: with --device_cpus (default: the last core) both servers run their device work
+(XLA, schedulers) on the reserved cores and their front ends, the load generators and
+the metrics poller on the others (`serve.device_cpus`, `coltrain.cpus`).
 
 Writes --out (raw points, `summary`, conditions incl. load averages), a markdown table
 (`results.md`) and a plot (`colocate.png`) next to it.
@@ -245,8 +250,8 @@ def main(argv=None) -> int:
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--device_cpus", default="auto",
                  help="cores reserved for the emulated device in both servers "
-                      "(serve.device_cpus); the load generators and this process run on "
-                      "the others. 'auto': the last allowed core if there are >= 2, "
+                      "(serve.device_cpus); the load generators and the metrics poller "
+                      "run on the others. 'auto': the last allowed core if there are >= 2, "
                       "'' for no split")
   a = p.parse_args(argv)
   rhos = [float(r) for r in a.rhos.split(",")]

@@ -150,12 +150,12 @@ def test_versions_and_accuracy_are_decoded_per_request():
   with _serving(_Echo) as (url, _):
     gen = loadgen.LoadGen(url, "m", _echo_bodies(3), labels=labels)
     res = gen.open_loop(np.arange(6) * 0.002, connections=2)
-    closed = gen.closed_loop(2, 0.2)
+    closed = gen.closed_loop(2, 60.0, max_requests=6)   # a count, not a time: no flake
     seq = gen.sequential(4)
   assert res["recs"] == [[200, 5, 2], [200, 5, 1], [200, 5, 0]] * 2
   s = loadgen.summarize(res, slo_ms=None, images_per_request=2, labels=True)
   assert s["accuracy"] == 0.5 and s["versions"] == {"min": 5, "max": 5, "distinct": 1}
-  assert len(closed["recs"]) > 0 and all(r[:2] == [200, 5] for r in closed["recs"])
+  assert len(closed["recs"]) == 6 and all(r[:2] == [200, 5] for r in closed["recs"])
   assert np.all(closed["latency"] > 0)
   assert [r[2] for r in seq["recs"]] == [2, 1, 0, 2] and len(seq["latency"]) == 4
 
@@ -172,9 +172,9 @@ def test_connections_closed_by_the_server_are_reopened(handler):
   with _serving(handler) as (url, httpd):
     gen = loadgen.LoadGen(url, "m", _echo_bodies(2), labels=[[0, 1], [1, 2]])
     res = gen.open_loop(np.arange(5) * 0.002, connections=1)
-    closed = gen.closed_loop(1, 0.1)
+    closed = gen.closed_loop(1, 60.0, max_requests=3)
   assert res["recs"] == [[200, 5, 2]] * 5 and not np.any(np.isnan(res["latency"]))
-  assert all(r == [200, 5, 2] for r in closed["recs"])
+  assert len(closed["recs"]) == 3 and all(r == [200, 5, 2] for r in closed["recs"])
   assert httpd.accepted == 5 + len(closed["recs"])  # one connection per request
 
 

@@ -16,7 +16,7 @@ too large, 503 shed (with Retry-After) or not ready, 500 if something unexpected
 
 `FrontEnd` is an ASGI application served by uvicorn (httptools parser, uvloop when
 installed) on ONE event-loop thread: no thread per connection, so the front end's
-Python work per request is small and the scheduler threads are not starved of the GIL.
+Python work per request is small and leaves more of the GIL to the scheduler threads.
 A request waits for its result on an asyncio future that the scheduler thread resolves
 through `loop.call_soon_threadsafe`.
 

@@ -77,10 +77,9 @@ class CpuPartition:
     started later inherit their creator's set; device-owner threads call
     `pin_device_thread` themselves."""
     python = {t.native_id for t in threading.enumerate()}
-    before = {}
-    for tid in _thread_ids():
+    before = thread_cpus()
+    for tid in before:
       try:
-        before[tid] = frozenset(os.sched_getaffinity(tid))
         os.sched_setaffinity(tid, self.host if tid in python else self.device)
       except OSError:   # the thread ended meanwhile
         pass

@@ -417,7 +417,7 @@ def main(argv=None) -> int:
 
 def split_cpus(spec: str) -> tuple[str, frozenset]:
   """('device cpu list' for serve.device_cpus, host cpu set) for --device_cpus."""
-  from coltrain.cpus import check_device_cpus, parse_cpu_list
+  from coltrain.cpus import CpuPartition, check_device_cpus
   allowed = frozenset(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else \
       frozenset(range(os.cpu_count() or 1))
   if spec == "auto":
@@ -427,7 +427,7 @@ def split_cpus(spec: str) -> tuple[str, frozenset]:
   problem = check_device_cpus(spec)
   if problem:
     raise SystemExit(f"colocate_bench: --device_cpus: {problem}")
-  return spec, allowed - parse_cpu_list(spec)
+  return spec, CpuPartition.from_config(spec).host
 
 
 def _get(points, cfg, rho, arrival="poisson"):

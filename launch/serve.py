@@ -20,7 +20,6 @@ import sys
 import threading
 
 
-
 def _default_nproc(argv: list[str]) -> int:
   """XLA's CPU thread pool size (NPROC; read once, when JAX starts, so before flags are
   parsed): one thread per reserved device core with `--config.serve.device_cpus=...` on
@@ -75,8 +74,8 @@ def main(argv):
 
   signal.signal(signal.SIGINT, on_signal)
   signal.signal(signal.SIGTERM, on_signal)
-  # Hand the GIL over every 0.5 ms (default 5 ms): the scheduler thread must not wait
-  # behind HTTP threads for whole switch intervals on the latency path.
+  # Hand the GIL over every 0.5 ms (default 5 ms): the scheduler threads must not wait
+  # behind the front end's event loop for whole switch intervals on the latency path.
   sys.setswitchinterval(0.0005)
   server.start()
   # Everything built so far (JAX, flax, the compiled executables) lives as long as the

@@ -32,22 +32,31 @@ def test_bad_arrival_arguments_are_errors():
     loadgen.main(["--url", "http://127.0.0.1:1", "--mode", "open"])  # no rate
 
 
-class _Slow(BaseHTTPRequestHandler):
+class _Handler(BaseHTTPRequestHandler):
+  """A quiet HTTP/1.1 test server handler; `reply` answers 200 with a body."""
   protocol_version = "HTTP/1.1"
-  delay = 0.03
 
-  def do_POST(self):  # noqa: N802
-    self.rfile.read(int(self.headers["Content-Length"]))
-    time.sleep(self.delay)
-    body = json.dumps({"model_version": "3", "outputs": [
-        {"name": "logits", "data": [0.0] * 10}, {"name": "label", "data": [7]}]}).encode()
+  def reply(self, body: bytes, close: bool = False) -> None:
     self.send_response(200)
     self.send_header("Content-Length", str(len(body)))
+    if close:
+      self.send_header("Connection", "close")
+      self.close_connection = True
     self.end_headers()
     self.wfile.write(body)
 
   def log_message(self, *a):
     pass
+
+
+class _Slow(_Handler):
+  delay = 0.03
+
+  def do_POST(self):  # noqa: N802
+    self.rfile.read(int(self.headers["Content-Length"]))
+    time.sleep(self.delay)
+    self.reply(json.dumps({"model_version": "3", "outputs": [
+        {"name": "logits", "data": [0.0] * 10}, {"name": "label", "data": [7]}]}).encode())
 
 
 def test_open_loop_charges_waiting_to_the_request_and_never_skips_arrivals():
@@ -102,9 +111,8 @@ def _serving(handler):
     httpd.server_close()
 
 
-class _Echo(BaseHTTPRequestHandler):
+class _Echo(_Handler):
   """Answers body {"k": K} with label [K, K + 1] and model version 5 (keep-alive)."""
-  protocol_version = "HTTP/1.1"
   close_each = False  # answer with `Connection: close` and hang up
 
   def do_POST(self):  # noqa: N802
@@ -112,19 +120,9 @@ class _Echo(BaseHTTPRequestHandler):
       self.send_error(415)
       return
     k = json.loads(self.rfile.read(int(self.headers["Content-Length"])))["k"]
-    body = json.dumps({"model_version": "5", "outputs": [
+    self.reply(json.dumps({"model_version": "5", "outputs": [
         {"name": "logits", "data": [0.0] * 10},
-        {"name": "label", "data": [k, k + 1]}]}).encode()
-    self.send_response(200)
-    self.send_header("Content-Length", str(len(body)))
-    if self.close_each:
-      self.send_header("Connection", "close")
-      self.close_connection = True
-    self.end_headers()
-    self.wfile.write(body)
-
-  def log_message(self, *a):
-    pass
+        {"name": "label", "data": [k, k + 1]}]}).encode(), close=self.close_each)
 
 
 class _EchoClosing(_Echo):
@@ -178,9 +176,8 @@ def test_connections_closed_by_the_server_are_reopened(handler):
   assert httpd.accepted == 5 + len(closed["recs"])  # one connection per request
 
 
-class _DropsOddRequests(BaseHTTPRequestHandler):
+class _DropsOddRequests(_Handler):
   """Reads every request; answers the even-numbered ones, hangs up on the others."""
-  protocol_version = "HTTP/1.1"
   count = 0
   lock = threading.Lock()
 
@@ -191,14 +188,7 @@ class _DropsOddRequests(BaseHTTPRequestHandler):
     if k % 2:
       self.close_connection = True  # no response: the connection just closes
       return
-    body = b'{"model_version": "1", "outputs": [{}, {"data": [0]}]}'
-    self.send_response(200)
-    self.send_header("Content-Length", str(len(body)))
-    self.end_headers()
-    self.wfile.write(body)
-
-  def log_message(self, *a):
-    pass
+    self.reply(b'{"model_version": "1", "outputs": [{}, {"data": [0]}]}')
 
 
 def test_dropped_connections_fail_the_request_and_are_reopened():
@@ -249,15 +239,10 @@ def test_unreadable_responses_fail_the_request_without_waiting_for_the_timeout()
   assert res["wall"] < 15.0  # failed on reading, long before the 30 s timeout
 
 
-class _Silent(BaseHTTPRequestHandler):
-  protocol_version = "HTTP/1.1"
-
+class _Silent(_Handler):
   def do_POST(self):  # noqa: N802
     self.rfile.read(int(self.headers["Content-Length"]))
     time.sleep(1.5)  # never answers in time
-
-  def log_message(self, *a):
-    pass
 
 
 def test_requests_time_out_with_status_minus_one():

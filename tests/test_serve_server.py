@@ -22,7 +22,7 @@ def serve_cfg(**kw):
   c.optimizer.schedule = "constant"
   c.serve.model_name = "digits"
   c.serve.max_batch_size = 4
-  c.serve.micro_batch_size = 8
+  c.serve.micro_batch_size = 2     # short chunks: they fit the auto SLO
   c.serve.publish_every = 1
   c.serve.slo_ms = 0.0          # auto: calibrated over HTTP at start
   for k, v in kw.items():

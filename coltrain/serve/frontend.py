@@ -24,9 +24,10 @@ Admission sees the front end's own backlog: `LoopLag` measures, 500 times a seco
 long a callback waits in the event loop's ready queue (the time the loop needs to work
 off what is already in it). Under overload that wait is how long a new request sat
 unread, so an inference request is treated as having arrived that long before it was
-parsed; its deadline and the router's shedding decision count that time, and a backlog
-that alone exceeds the SLO is refused without parsing the body (503 costs far less than
-serving, so shedding drains the backlog instead of feeding it).
+parsed; its deadline and the router's shedding decision count that time (a 503 costs
+far less than serving, so shedding drains the backlog instead of feeding it). Requests
+are parsed before admission, so a malformed request is always a 400, whatever the load
+(parsing with orjson costs ~40 us).
 """
 
 from __future__ import annotations
@@ -71,6 +72,10 @@ class LoopLag:
     self.period, self.decay = period, decay
     self.seconds = 0.0
     self._loop: Optional[asyncio.AbstractEventLoop] = None
+
+  @property
+  def running(self) -> bool:
+    return self._loop is not None
 
   def start(self, loop: asyncio.AbstractEventLoop) -> None:
     self._loop = loop
@@ -139,7 +144,7 @@ class FrontEnd:
   async def __call__(self, scope, receive, send) -> None:
     if scope["type"] != "http":
       return
-    if self.lag._loop is None:
+    if not self.lag.running:   # the loop exists only once uvicorn runs: start on first use
       self.lag.start(asyncio.get_running_loop())
     arrival = clock() - self.lag.seconds
     try:
@@ -228,11 +233,6 @@ class FrontEnd:
       except HTTPError as e:
         m.requests.labels(code=str(e.code)).inc()
         raise
-      if b'"deadline_ms"' not in body:  # default deadline: refuse before parsing if hopeless
-        try:
-          router.precheck(arrival)
-        except Shed as e:
-          raise self._shed(e) from None
       try:
         req = parse_infer_request(body, image_shape=app.image_shape,
                                   max_images=app.max_batch)

@@ -29,6 +29,9 @@ from coltrain.serve.scheduler import DeviceScheduler, Pending, clock
 from coltrain.serve.timing import OnlineTimer
 
 
+RESPONSE_TAU_S = 0.5   # an unrefreshed response-delay estimate fades with this constant
+
+
 class Shed(Exception):
   """The request was refused by admission control (HTTP 503 + Retry-After)."""
 
@@ -53,6 +56,7 @@ class Router:
     self._lock = threading.Lock()
     self._incoming = 0   # requests the HTTP layer is receiving (not yet submitted)
     self._response = OnlineTimer(alpha=0.05)
+    self._response_t = clock()   # when the response delay was last measured
     for s in self.schedulers:
       s.incoming = self.incoming
 
@@ -88,7 +92,7 @@ class Router:
     # may be stale), unless the request already spent half its budget before it got
     # here (a front-end backlog): then the prediction is trusted.
     fresh = now - arrival < 0.5 * budget
-    best_t += self.response_delay_s()
+    best_t += self.response_delay_s(now)
     if best_t > deadline - self.margin_s and not (fresh and best.idle(now)):
       self.metrics.shed.labels(reason="deadline").inc()
       for s in self.schedulers:   # inference is being refused: no training for a while
@@ -98,24 +102,21 @@ class Router:
                  f"overloaded: predicted completion in {1e3 * (best_t - arrival):.1f} ms "
                  f"misses the {1e3 * budget:.1f} ms deadline; retry later")
 
-  def response_delay_s(self) -> float:
+  def response_delay_s(self, now: Optional[float] = None) -> float:
     """How long results wait for the front end to send them (seconds; EWMA mean + 2
-    deviations): admission adds it to every device-side prediction."""
-    return self._response.predict("delay", 0.0)
+    deviations): admission adds it to every device-side prediction. An estimate that
+    is not being refreshed (nothing admitted) fades with time constant
+    `RESPONSE_TAU_S`, so one overload cannot keep refusing requests after it ended."""
+    now = clock() if now is None else now
+    fade = math.exp(-max(now - self._response_t, 0.0) / RESPONSE_TAU_S)
+    return self._response.predict("delay", 0.0) * fade
 
   def completed(self, p: Pending, sent_at: float) -> None:
     """The HTTP layer sent `p`'s response at `sent_at`: learns the delay since the
     scheduler finished it (the response path: event-loop wake-up, GIL, encoding)."""
     if p.finished_at is not None:
       self._response.update("delay", max(0.0, sent_at - p.finished_at))
-
-  def precheck(self, arrival: float) -> None:
-    """Raises `Shed` if even one image arriving at `arrival` with the default deadline
-    (the SLO) would miss it: lets the HTTP layer refuse a request before parsing it,
-    so that refusing stays cheap when the front end itself is overloaded."""
-    now = clock()
-    best, best_t = self._best(1, now)
-    self._check(best, best_t, now, arrival, arrival + self.slo_s, self.slo_s)
+      self._response_t = sent_at
 
   def submit(self, images: np.ndarray, *, arrival: Optional[float] = None,
              deadline_ms: Optional[float] = None,

@@ -43,7 +43,8 @@ def test_server_runs_device_work_and_front_end_on_disjoint_cores(tfds_dir):
     import threading
     python = {t.native_id: t.name for t in threading.enumerate()}
     now = thread_cpus()
-    assert now[s._http._thread.native_id] == host          # the front end
+    assert os.sched_getaffinity(s._http.proc.pid) == host   # the front-end process
+    assert now[s._http._thread.native_id] == {device}       # its bridge: latency path
     assert now[s.trainer._fetcher.native_id] == host        # the training input
     for sch in s.schedulers:                                # the device owners
       assert now[sch._thread.native_id] == {device}

@@ -57,6 +57,9 @@ class FakeTrainer:
   def warmup(self, runs=3):
     return [0.001] * runs
 
+  def input_ready(self):
+    return True
+
   def run_chunk(self):
     self.calls += 1
     self.log.append(("chunk", 1))
@@ -339,7 +342,7 @@ def test_admission_adds_the_measured_response_delay_to_predictions():
   p.finish()
   assert p.done.is_set() and p.finished_at is not None
   for _ in range(50):                        # responses went out 60 ms after the results
-    router.completed(p, p.finished_at + 0.060)
+    router.completed(0.060, p.finished_at + 0.060)
   assert router.response_delay_s() >= 0.05
   from coltrain.serve.router import RESPONSE_TAU_S
   later = router._response_t + 5 * RESPONSE_TAU_S          # nothing admitted since:
@@ -362,15 +365,22 @@ def test_a_request_that_waited_in_the_front_end_is_shed_even_on_an_idle_replica(
     router.submit(np.zeros((1,) + SHAPE, np.float32), arrival=clock() - 0.060)
 
 
-def test_shedding_holds_training_off_for_the_holdoff():
+def test_shedding_holds_training_off_longer_the_more_is_shed():
+  from coltrain.serve.router import HOLDOFF_FULL_SHEDS
   log = []
   trainer = FakeTrainer(log)
   s, _ = make_sched(trainer=trainer, slo=0.05)
-  router = Router([s], ServeMetrics(), slo_s=0.05, margin_s=0.0, shed_holdoff_s=0.3)
+  router = Router([s], ServeMetrics(), slo_s=0.05, margin_s=0.0, shed_holdoff_s=0.4)
   s._busy_until = clock() + 0.2              # busy for 200 ms: a 50 ms deadline is hopeless
   with pytest.raises(Shed):
     router.submit(np.zeros((1,) + SHAPE, np.float32))
+  one = s._hold_training_until - clock()     # one stray shed: a short pause
+  assert 0 < one <= 0.4 / HOLDOFF_FULL_SHEDS + 0.01
+  for _ in range(HOLDOFF_FULL_SHEDS):        # sustained shedding: the whole hold-off
+    with pytest.raises(Shed):
+      router.submit(np.zeros((1,) + SHAPE, np.float32))
   shed_at = clock()
+  assert s._hold_training_until - shed_at >= 0.4 - 0.01
   s._busy_until = 0.0
   s.start()
   try:
@@ -378,4 +388,24 @@ def test_shedding_holds_training_off_for_the_holdoff():
     first = clock()
   finally:
     s.stop()
-  assert first - shed_at >= 0.3 - 0.01       # no chunk during the hold-off
+  assert first - shed_at >= 0.4 - 0.02       # no chunk during the hold-off
+
+
+def test_no_chunk_starts_while_training_input_is_not_ready():
+  log = []
+  tr = FakeTrainer(log)
+  ready = [False]
+  tr.input_ready = lambda: ready[0]
+  s, _ = make_sched(trainer=tr)
+  s.start()
+  try:
+    time.sleep(0.1)
+    assert tr.calls == 0                # active, idle device, but no input: no chunk
+    ready[0] = True
+    for _ in range(200):
+      if tr.calls:
+        break
+      time.sleep(0.005)
+    assert tr.calls > 0
+  finally:
+    s.stop()

@@ -192,7 +192,8 @@ def test_overload_is_shed_with_503_and_retry_after(server):
   assert all(int(h) >= 1 and "deadline" in b["error"] for h, b in shed)
   assert {c for c, _, _ in results} <= {200, 503}
   m = parse_metrics(call(server, "GET", "/metrics")[1])
-  assert m['coltrain_shed_total{reason="deadline"}'] >= len(shed)
+  assert m['coltrain_shed_total{reason="deadline"}'] + m.get(
+      'coltrain_shed_total{reason="frontend_backlog"}', 0) >= len(shed)
   assert call(server, "POST", "/v2/models/digits/infer", infer_body())[0] == 200
 
 
@@ -236,24 +237,25 @@ def test_a_chunked_body_is_accepted(server):
   assert r.status == 200 and out["outputs"][0]["shape"] == [1, 10]
 
 
-def test_loop_lag_measures_how_long_ready_work_waits():
+def test_loop_backlog_bounds_how_long_data_waited_to_be_read():
   import asyncio
-  from coltrain.serve.frontend import LoopLag
+  from coltrain.serve.frontend import LoopBacklog
 
   async def main():
-    lag = LoopLag(period=0.001)
-    lag.start(asyncio.get_running_loop())
-    await asyncio.sleep(0.02)
-    quiet = lag.seconds
     loop = asyncio.get_running_loop()
-    for _ in range(5):                    # 50 ms of work is ready before the probe
-      loop.call_soon(time.sleep, 0.01)
-    lag._probe()
-    await asyncio.sleep(0)
-    await asyncio.sleep(0)
-    busy = lag.seconds
-    await asyncio.sleep(0.05)             # idle again: the estimate decays
-    return quiet, busy, lag.seconds
+    b = LoopBacklog(loop, gap_s=0.005)
+    b.mark()
+    first = b.wait(time.perf_counter())       # the first read of a phase waited ~0
+    time.sleep(0.02)                          # the phase works through 20 ms of reads
+    b.mark()
+    late = b.wait(time.perf_counter())        # a read at its end: up to 20 ms
+    await asyncio.sleep(0)                    # the phase ends ...
+    b.mark()                                  # ... and the next starts at once:
+    carried = b.wait(time.perf_counter())     # its data may have waited the whole last one
+    await asyncio.sleep(0.05)                 # the loop goes idle
+    b.mark()
+    idle = b.wait(time.perf_counter())
+    return first, late, carried, idle
 
-  quiet, busy, after = asyncio.run(main())
-  assert busy >= 0.05 and after < busy and quiet < 0.05
+  first, late, carried, idle = asyncio.run(main())
+  assert first < 0.002 and late >= 0.02 and carried >= 0.02 and idle < 0.002

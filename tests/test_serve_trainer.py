@@ -139,3 +139,19 @@ def test_input_is_read_ahead_and_a_failed_input_pipeline_surfaces(tfds_dir):
   with pytest.raises(RuntimeError, match="input pipeline failed: disk gone"):
     for _ in range(4):                  # the next global batch is needed within 2 chunks
       tr.run_chunk()
+
+
+def test_a_chunk_never_waits_for_input(tfds_dir):
+  c = serve_cfg()                       # 4 micro-batches per global batch, 2 per chunk
+  tr, *_ = make_trainer(c, tfds_dir, [])
+  tr.close()                            # the input thread reads nothing more
+  while not tr._ahead.empty():
+    tr._ahead.get()
+  assert tr.input_ready()               # the current global batch is in hand
+  assert tr.run_chunk() == 8 and tr.run_chunk() == 8
+  assert not tr.input_ready()           # it is used up and nothing was read ahead
+  steps = tr.micro_steps
+  assert tr.run_chunk() == 0 and tr.micro_steps == steps   # returns at once, trains nothing
+  assert tr.failure is None
+  tr._ahead.put(next(iter(tr._batches)))
+  assert tr.input_ready() and tr.run_chunk() == 8

@@ -9,13 +9,25 @@ schedulers run inference first and train the served model in the idle cycles.
   scheduler.py  one thread per device: batching, deadlines, training in the slack
   router.py     admission control (shedding) and least-expected-completion routing
   metrics.py    Prometheus metrics
-  frontend.py   the HTTP endpoints (ASGI on uvicorn), front-end backlog estimate
+  http.py       a small HTTP/1.1 server (asyncio + httptools)
+  wire.py       the messages between the front-end and the device process
+  frontend.py   the front-end process: HTTP endpoints, request parsing, backlog estimate
+  bridge.py     the device process's side: starts the front end, serves its messages
   server.py     `Server`, assembling all of the above from a config
+
+The names below are imported on first use, so the front-end process, which imports
+`coltrain.serve.frontend`, never loads JAX.
 """
 
-from coltrain.serve.config import SERVE_DEFAULTS, validate_serve, with_serve_defaults
-from coltrain.serve.protocol import InferRequest, ProtocolError, parse_infer_request
-from coltrain.serve.server import Server
+import importlib
 
-__all__ = ["Server", "SERVE_DEFAULTS", "validate_serve", "with_serve_defaults",
-           "parse_infer_request", "InferRequest", "ProtocolError"]
+_EXPORTS = {"Server": "server", "SERVE_DEFAULTS": "config", "validate_serve": "config",
+            "with_serve_defaults": "config", "parse_infer_request": "protocol",
+            "InferRequest": "protocol", "ProtocolError": "protocol"}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+  if name in _EXPORTS:
+    return getattr(importlib.import_module(f"coltrain.serve.{_EXPORTS[name]}"), name)
+  raise AttributeError(f"module 'coltrain.serve' has no attribute {name!r}")

@@ -1,6 +1,7 @@
-"""The HTTP front end: Open Inference Protocol (KServe v2) endpoints and /metrics.
+"""The HTTP front end: Open Inference Protocol (KServe v2) endpoints and /metrics, run as
+its own process next to the device process (see `coltrain.serve.bridge`).
 
-  GET  /v2/health/live            200 while the process runs
+  GET  /v2/health/live            200 while the front end runs
   GET  /v2/health/ready           200 when every replica's scheduler runs, else 503
   GET  /v2                        server metadata
   GET  /v2/models/{name}          model metadata (+ `parameters.training`: its status)
@@ -9,308 +10,313 @@
   GET  /metrics                   Prometheus text format
   GET|POST /coltrain/training     training status | {"enabled": bool} pause/resume
 
-Errors are JSON `{"error": message}`: 400 malformed request, 404 unknown path or model,
-405 wrong method, 411 a POST with neither Content-Length nor a chunked body, 413 body
-too large, 503 shed (with Retry-After) or not ready, 500 if something unexpected failed
-(the server keeps running). Malformed HTTP itself is answered by uvicorn (400).
+Errors are JSON `{"error": message}`: 400 malformed request (or malformed HTTP), 404
+unknown path or model, 405 wrong method, 411 a POST with neither Content-Length nor a
+chunked body, 413 body too large, 503 shed (with Retry-After) or not ready, 504 no
+result in time (or the device process gone), 500 if something unexpected failed (the
+server keeps running).
 
-`FrontEnd` is an ASGI application served by uvicorn (httptools parser, uvloop when
-installed) on ONE event-loop thread: no thread per connection, so the front end's
-Python work per request is small and leaves more of the GIL to the scheduler threads.
-A request waits for its result on an asyncio future that the scheduler thread resolves
-through `loop.call_soon_threadsafe`.
+This process parses and checks inference requests (a malformed one is a 400 whatever
+the load) and sends the images to the device process as raw float32 (`wire.INFER`);
+the answer comes back as a `wire.RESULT` and is encoded here. Every other endpoint
+but liveness is forwarded as it is (`wire.CALL`) and answered by the device process.
+HTTP is served by `coltrain.serve.http.HTTPServer` on one uvloop event loop: no thread
+per connection and no task per request.
 
-Admission sees the front end's own backlog: `LoopLag` measures, 500 times a second, how
-long a callback waits in the event loop's ready queue (the time the loop needs to work
-off what is already in it). Under overload that wait is how long a new request sat
-unread, so an inference request is treated as having arrived that long before it was
-parsed; its deadline and the router's shedding decision count that time (a 503 costs
-far less than serving, so shedding drains the backlog instead of feeding it). Requests
-are parsed before admission, so a malformed request is always a 400, whatever the load
-(parsing with orjson costs ~40 us).
+Admission sees the front end's own backlog (`LoopBacklog`). The event loop reads ready
+sockets in phases (one poll, then every ready connection in turn); when the front end is
+the bottleneck, requests wait in socket buffers for the phases before theirs. A request
+is treated as having arrived that long before its first bytes were parsed (an upper
+bound, see `LoopBacklog.wait`), so its deadline and the router's shedding decision
+count that time. When that wait alone exceeds `FRONT_SHED_FRACTION` of the SLO the
+request is refused here (503 + Retry-After) before its JSON is parsed and without a
+trip to the device process: under overload a refusal must cost far less than serving,
+or the backlog grows instead of draining. (Such a refused request is not checked: under
+overload a malformed request may be answered 503 instead of 400.)
+
+  python -m coltrain.serve.frontend --listen_fd N --ipc_fd N --shared_fd N   (internal:
+  started by `FrontEndProcess`; exits when the device process closes the socket pair)
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
-import json
+import gc
 import math
+import mmap
+import signal
 import socket
-import threading
-import traceback
-from typing import TYPE_CHECKING, Any, Optional
+import struct
+import sys
+from typing import Any, Optional
 
+from coltrain.serve import wire
+from coltrain.serve.http import Deferred, HTTPServer, Request, Response
 from coltrain.serve.protocol import ProtocolError, dumps, infer_response, parse_infer_request
-from coltrain.serve.router import Shed
-from coltrain.serve.scheduler import clock
-
-if TYPE_CHECKING:
-  from coltrain.serve.server import Server
+from coltrain.serve.timing import clock
 
 MAX_BODY_BYTES = 16 << 20
-LAG_PERIOD_S = 0.002      # how often the event loop's ready-queue wait is probed
-LAG_DECAY = 0.5           # per probe: the backlog estimate falls to half of its old value
+FRONT_SHED_FRACTION = 0.5  # refuse unparsed when the backlog took this much of the SLO
+RESULT_GRACE_S = 60.0     # 504 if a request's result is this late past its deadline
+KEEP_ALIVE_S = 60.0       # idle keep-alive connections are closed after this
+INCOMING = struct.Struct("<i")
 
 
-class HTTPError(Exception):
-  """Answer `code` with `{"error": message}` (and `headers`)."""
+class LoopBacklog:
+  """An upper bound on how long data read now waited in its socket (seconds).
 
-  def __init__(self, code: int, message: str, headers: Optional[dict[str, str]] = None):
-    super().__init__(message)
-    self.code, self.message, self.headers = code, message, headers or {}
+  `mark()` is called whenever the loop processes received data. The first mark of a
+  phase notes its start and queues `call_soon(_end)`, which runs once the phase's I/O
+  callbacks are done. Data read now arrived after the poll before this phase's, so it
+  waited at most the time since this phase started, plus the previous phase if the
+  loop went straight from that one to this one (no idle poll in between:
+  `gap_s`)."""
 
+  def __init__(self, loop: asyncio.AbstractEventLoop, gap_s: float = 0.0002):
+    self.loop = loop
+    self.gap_s = gap_s
+    self._start = 0.0       # when the current (or last) phase started
+    self._open = False
+    self._end_t = -1.0      # when the last phase ended
+    self._prev = 0.0        # how long the last phase took
+    self._carry = 0.0       # the part of the last phase a request read now may have waited
 
-class LoopLag:
-  """How long work currently waits in an asyncio loop before it runs (seconds).
+  def mark(self) -> None:
+    if not self._open:
+      now = clock()
+      back_to_back = now - self._end_t <= self.gap_s
+      self._carry = self._prev if back_to_back else 0.0
+      self._start = now
+      self._open = True
+      self.loop.call_soon(self._end)
 
-  Every `period` a probe callback is queued with `call_soon`; the delay until it runs is
-  the time the loop needs to drain what was ready before it. `seconds` is the larger of
-  the newest sample and the previous estimate decayed by `decay` (it rises at once and
-  falls off within a few probes)."""
+  def _end(self) -> None:
+    self._end_t = clock()
+    self._prev = self._end_t - self._start
+    self._open = False
 
-  def __init__(self, period: float = LAG_PERIOD_S, decay: float = LAG_DECAY):
-    self.period, self.decay = period, decay
-    self.seconds = 0.0
-    self._loop: Optional[asyncio.AbstractEventLoop] = None
-
-  @property
-  def running(self) -> bool:
-    return self._loop is not None
-
-  def start(self, loop: asyncio.AbstractEventLoop) -> None:
-    self._loop = loop
-    loop.call_later(self.period, self._probe)
-
-  def _probe(self) -> None:
-    self._loop.call_soon(self._sample, clock())
-
-  def _sample(self, queued_at: float) -> None:
-    self.seconds = max(clock() - queued_at, self.seconds * self.decay)
-    self._loop.call_later(self.period, self._probe)
-
-
-def _header(scope: dict, name: bytes) -> Optional[str]:
-  for k, v in scope["headers"]:
-    if k == name:
-      return v.decode("latin-1")
-  return None
+  def wait(self, now: float) -> float:
+    """The bound for data read at `now` (call `mark()` first)."""
+    return (now - self._start) + self._carry if self._open else 0.0
 
 
-async def _read_body(scope: dict, receive) -> bytes:
-  """The whole request body (Content-Length or chunked), or raises `HTTPError`."""
-  length = _header(scope, b"content-length")
-  chunked = "chunked" in (_header(scope, b"transfer-encoding") or "").lower()
-  if length is None and not chunked:
-    raise HTTPError(411, "a POST needs a body: send Content-Length (or a chunked body)")
-  if length is not None:
-    try:
-      n = int(length)
-      if n < 0:
-        raise ValueError
-    except ValueError:
-      raise HTTPError(400, f"invalid Content-Length {length!r}") from None
-    if n > MAX_BODY_BYTES:
-      raise HTTPError(413, f"body of {n} bytes exceeds the {MAX_BODY_BYTES} byte limit")
-  parts, size = [], 0
-  while True:
-    msg = await receive()
-    if msg["type"] == "http.disconnect":
-      raise ConnectionResetError("client disconnected")
-    chunk = msg.get("body", b"")
-    size += len(chunk)
-    if size > MAX_BODY_BYTES:
-      raise HTTPError(413, f"body exceeds the {MAX_BODY_BYTES} byte limit")
-    parts.append(chunk)
-    if not msg.get("more_body", False):
-      return parts[0] if len(parts) == 1 else b"".join(parts)
+class _Waiting:
+  """A request sent to the device process, waiting for its answer."""
+  __slots__ = ("reply", "request_id", "arrival", "timer")
+
+  def __init__(self, request_id: Optional[str], arrival: float):
+    self.reply = Deferred()
+    self.request_id, self.arrival = request_id, arrival
+    self.timer: Optional[asyncio.TimerHandle] = None
 
 
-async def _send(send, code: int, payload: Any, headers: Optional[dict[str, str]] = None,
-                content_type: bytes = b"application/json") -> None:
-  body = payload if isinstance(payload, bytes) else dumps(payload)
-  hdrs = [(b"content-type", content_type), (b"content-length", str(len(body)).encode())]
-  hdrs += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
-  await send({"type": "http.response.start", "status": code, "headers": hdrs})
-  await send({"type": "http.response.body", "body": body})
+class FrontEnd(asyncio.Protocol):
+  """The request handler (see module docstring) and the device link's protocol."""
 
+  def __init__(self, loop: asyncio.AbstractEventLoop, shared: Optional[mmap.mmap] = None):
+    self.loop = loop
+    self.backlog = LoopBacklog(loop)
+    self.shared = shared
+    self.slo_s = 1.0
+    self.link: Optional[asyncio.Transport] = None
+    self.info: Optional[dict[str, Any]] = None
+    self.hello = loop.create_future()
+    self.closed = loop.create_future()
+    self._reader = wire.Reader()
+    self._waiting: dict[int, _Waiting] = {}
+    self._next_key = 0
+    self._outbox: list[bytes] = []   # SENT / COUNT messages, written once per loop pass
 
-class FrontEnd:
-  """The ASGI application (see module docstring) over a `Server`."""
+  # -- the device link -------------------------------------------------------------------
+  def connection_made(self, transport) -> None:
+    self.link = transport
 
-  def __init__(self, app: "Server"):
-    self.app = app
-    self.lag = LoopLag()
+  def connection_lost(self, exc) -> None:
+    self.link = None
+    for key in list(self._waiting):
+      self._answer(key, Response.error(504, "the device process is gone"))
+    if not self.closed.done():
+      self.closed.set_result(None)
 
-  async def __call__(self, scope, receive, send) -> None:
-    if scope["type"] != "http":
+  def data_received(self, data: bytes) -> None:
+    self.backlog.mark()
+    for kind, payload in self._reader.feed(data):
+      if kind == wire.RESULT:
+        self._result(*wire.read_result(payload))
+      elif kind == wire.REPLY:
+        key, code, ctype, headers, body = wire.read_reply(payload)
+        self._answer(key, Response(code, body, ctype, headers))
+      elif kind == wire.SLO:
+        self.slo_s = wire.read_slo(payload)
+      elif kind == wire.HELLO and not self.hello.done():
+        self.info = wire.read_hello(payload)
+        self.info["image_shape"] = tuple(self.info["image_shape"])
+        self.slo_s = self.info["slo_s"]
+        self.hello.set_result(self.info)
+
+  def _post_later(self, message: bytes) -> None:
+    if not self._outbox:
+      self.loop.call_soon(self._flush_outbox)
+    self._outbox.append(message)
+
+  def _flush_outbox(self) -> None:
+    if self.link is not None and self._outbox:
+      self.link.write(b"".join(self._outbox))
+    self._outbox.clear()
+
+  def _send(self, message: bytes) -> bool:
+    if self.link is None:
+      return False
+    self.link.write(message)
+    return True
+
+  def _wait(self, request_id: Optional[str], arrival: float, timeout: float) -> tuple[int, _Waiting]:
+    key = self._next_key
+    self._next_key += 1
+    w = self._waiting[key] = _Waiting(request_id, arrival)
+    w.timer = self.loop.call_later(timeout, self._timed_out, key)
+    return key, w
+
+  def _timed_out(self, key: int) -> None:
+    if key in self._waiting:
+      self._waiting[key].timer = None
+      self._post_later(wire.count(504))
+      self._answer(key, Response.error(504, "inference timed out"))
+
+  def _answer(self, key: int, response: Response) -> Optional[_Waiting]:
+    w = self._waiting.pop(key, None)
+    if w is not None:
+      if w.timer is not None:
+        w.timer.cancel()
+      w.reply.resolve(response)
+    return w
+
+  def _result(self, key: int, code: int, fields) -> None:
+    w = self._waiting.get(key)
+    if w is None:
       return
-    if not self.lag.running:   # the loop exists only once uvicorn runs: start on first use
-      self.lag.start(asyncio.get_running_loop())
-    arrival = clock() - self.lag.seconds
+    if code == 200:
+      info = self.info
+      payload = infer_response(
+          model_name=info["model_name"], version=fields["version"], req_id=w.request_id,
+          logits=fields["logits"], parameters={
+              "queue_ms": round(fields["queue_ms"], 3),
+              "compute_ms": round(fields["compute_ms"], 3),
+              "replica": fields["replica"], "batch_size": fields["batch_size"]})
+      self._answer(key, Response(200, dumps(payload)))
+      sent = clock()
+      self._post_later(wire.sent(sent - fields["finished_at"], sent - w.arrival))
+    elif code == 503:
+      retry_after_s, message = fields
+      self._answer(key, Response.error(
+          503, message, (("retry-after", str(max(1, math.ceil(retry_after_s)))),)))
+    else:
+      self._answer(key, Response.error(code, fields))
+
+  # -- HTTP ------------------------------------------------------------------------------
+  def arrival(self) -> float:
+    """When a request whose first bytes are parsed now arrived, at the latest: now
+    minus the loop's backlog (see module docstring)."""
+    self.backlog.mark()
+    now = clock()
+    return now - self.backlog.wait(now)
+
+  def receiving(self, delta: int) -> None:
+    """Counts the requests being received in the page the device process reads."""
+    if self.shared is not None:
+      INCOMING.pack_into(self.shared, 0, INCOMING.unpack_from(self.shared, 0)[0] + delta)
+
+  def __call__(self, request: Request):
+    path, method = request.path, request.method
+    if method == "POST" and path.startswith("/v2/models/") and path.endswith("/infer"):
+      parts = [p for p in path.split("/") if p]
+      if len(parts) == 4:
+        return self._infer(request, parts[2])
+    if path == "/v2/health/live" and method in ("GET", "HEAD"):
+      return Response.json(200, {"live": True})
+    key, w = self._wait(None, 0.0, RESULT_GRACE_S)
+    if not self._send(wire.call(key, method, path, request.body)):
+      self._answer(key, Response.error(503, "the device process is gone"))
+    return w.reply
+
+  def _error(self, code: int, message: str) -> Response:
+    self._post_later(wire.count(code))
+    return Response.error(code, message)
+
+  def _infer(self, request: Request, model: str):
+    info = self.info
+    waited = clock() - request.received
+    if waited > FRONT_SHED_FRACTION * self.slo_s:
+      self._post_later(wire.front_shed())
+      return Response.error(
+          503, f"overloaded: the request waited {1e3 * waited:.1f} ms to be read, over "
+               f"{FRONT_SHED_FRACTION:g} of the {1e3 * self.slo_s:.1f} ms deadline; retry "
+               f"later", (("retry-after", "1"),))
+    if request.body is None:
+      return self._error(411, "a POST needs a body: send Content-Length (or a chunked body)")
+    if model != info["model_name"]:
+      return self._error(404, f"unknown model '{model}'; this server serves "
+                              f"'{info['model_name']}'")
     try:
-      if scope["method"] == "POST":
-        await self._post(scope, receive, send, arrival)
-      elif scope["method"] in ("GET", "HEAD"):
-        await self._get(scope, send)
-      else:
-        raise HTTPError(405, f"method {scope['method']} is not allowed here")
-    except HTTPError as e:
-      await _send(send, e.code, {"error": e.message}, e.headers)
-    except (ConnectionResetError, BrokenPipeError):
-      pass
-    except Exception as e:  # a bug must not take the server down: report it
-      traceback.print_exc()
-      try:
-        await _send(send, 500, {"error": f"internal error: {type(e).__name__}: {e}"})
-      except Exception:
-        pass
-
-  # -- GET -------------------------------------------------------------------------------
-  async def _get(self, scope, send) -> None:
-    app = self.app
-    path = scope["path"]
-    parts = [p for p in path.split("/") if p]
-    if path == "/v2/health/live":
-      return await _send(send, 200, {"live": True})
-    if path == "/v2/health/ready":
-      ready = app.ready
-      return await _send(send, 200 if ready else 503, {"ready": ready})
-    if path == "/v2":
-      return await _send(send, 200, app.server_metadata())
-    if path == "/metrics":
-      return await _send(send, 200, app.metrics.render(),
-                         content_type=b"text/plain; version=0.0.4")
-    if path == "/coltrain/training":
-      return await _send(send, 200, app.training_status())
-    if len(parts) in (3, 4) and parts[:2] == ["v2", "models"]:
-      self._check_model(parts[2])
-      if len(parts) == 3:
-        return await _send(send, 200, app.model_metadata())
-      if parts[3] == "ready":
-        ready = app.ready
-        return await _send(send, 200 if ready else 503, {"name": app.model_name,
-                                                         "ready": ready})
-      if parts[3] == "infer":
-        raise HTTPError(405, "method GET is not allowed here; POST an inference request")
-    raise HTTPError(404, f"no such endpoint: GET {path}")
-
-  def _check_model(self, name: str) -> None:
-    if name != self.app.model_name:
-      raise HTTPError(404, f"unknown model '{name}'; this server serves "
-                           f"'{self.app.model_name}'")
-
-  # -- POST ------------------------------------------------------------------------------
-  async def _post(self, scope, receive, send, arrival: float) -> None:
-    app = self.app
-    path = scope["path"]
-    parts = [p for p in path.split("/") if p]
-    if len(parts) == 4 and parts[:2] == ["v2", "models"] and parts[3] == "infer":
-      return await self._infer(scope, receive, send, parts[2], arrival)
-    if path == "/coltrain/training":
-      body = await _read_body(scope, receive)
-      try:
-        obj = json.loads(body)
-      except (ValueError, RecursionError) as e:
-        raise HTTPError(400, f"request body is not valid JSON: {e}") from None
-      if not isinstance(obj, dict) or not isinstance(obj.get("enabled"), bool):
-        raise HTTPError(400, 'expected {"enabled": true|false}')
-      app.set_training(obj["enabled"])
-      return await _send(send, 200, app.training_status())
-    if len(parts) in (3, 4) and parts[:2] == ["v2", "models"] or path in (
-        "/v2/health/live", "/v2/health/ready", "/v2", "/metrics"):
-      raise HTTPError(405, f"method POST is not allowed on {path}")
-    raise HTTPError(404, f"no such endpoint: POST {path}")
-
-  async def _infer(self, scope, receive, send, model: str, arrival: float) -> None:
-    app = self.app
-    m = app.metrics
-    router = app.router
-    router.receiving(+1)   # no training chunk starts while a request is on its way in
-    try:
-      try:
-        body = await _read_body(scope, receive)
-        self._check_model(model)
-      except HTTPError as e:
-        m.requests.labels(code=str(e.code)).inc()
-        raise
-      try:
-        req = parse_infer_request(body, image_shape=app.image_shape,
-                                  max_images=app.max_batch)
-      except ProtocolError as e:
-        m.requests.labels(code="400").inc()
-        raise HTTPError(400, str(e)) from None
-      loop = asyncio.get_running_loop()
-      done = loop.create_future()
-      try:
-        pending = router.submit(req.images, arrival=arrival, deadline_ms=req.deadline_ms,
-                                on_done=lambda: loop.call_soon_threadsafe(_resolve, done))
-      except Shed as e:
-        raise self._shed(e) from None
-    finally:
-      router.receiving(-1)
-    try:
-      await asyncio.wait_for(done, timeout=max(pending.deadline - clock(), 0) + 60.0)
-    except asyncio.TimeoutError:
-      m.requests.labels(code="504").inc()
-      raise HTTPError(504, "inference timed out") from None
-    if pending.error is not None:
-      m.requests.labels(code="500").inc()
-      raise HTTPError(500, pending.error)
-    r = pending.result
-    payload = infer_response(
-        model_name=app.model_name, version=r["version"], req_id=req.id, logits=r["logits"],
-        parameters={"queue_ms": round(r["queue_ms"], 3), "compute_ms": round(r["compute_ms"], 3),
-                    "replica": r["replica"], "batch_size": r["batch_size"]})
-    m.requests.labels(code="200").inc()
-    await _send(send, 200, payload)
-    sent = clock()
-    m.request_seconds.observe(sent - arrival)
-    router.completed(pending, sent)
-
-  def _shed(self, e: Shed) -> HTTPError:
-    self.app.metrics.requests.labels(code="503").inc()
-    return HTTPError(503, str(e), {"Retry-After": str(max(1, math.ceil(e.retry_after_s)))})
+      req = parse_infer_request(request.body, image_shape=info["image_shape"],
+                                max_images=info["max_batch"])
+    except ProtocolError as e:
+      return self._error(400, str(e))
+    budget_s = (req.deadline_ms or 0.0) / 1e3 or 60.0
+    key, w = self._wait(req.id, request.received,
+                        max(request.received + budget_s - clock(), 0.0) + RESULT_GRACE_S)
+    if not self._send(wire.infer(key, request.received, req.deadline_ms, req.images)):
+      self._answer(key, Response.error(503, "the device process is gone"))
+    return w.reply
 
 
-def _resolve(fut: asyncio.Future) -> None:
-  if not fut.done():
-    fut.set_result(None)
+async def _serve(listener: socket.socket, link: socket.socket,
+                 shared: Optional[mmap.mmap]) -> None:
+  loop = asyncio.get_running_loop()
+  fe = FrontEnd(loop, shared)
+  await loop.connect_accepted_socket(lambda: fe, link)
+  await fe.hello
+  http = HTTPServer(fe, clock=clock, received_at=fe.arrival, max_body=MAX_BODY_BYTES,
+                    keep_alive_s=KEEP_ALIVE_S,
+                    on_body_start=lambda conn: fe.receiving(+1),
+                    on_body_end=lambda conn: fe.receiving(-1))
+  await http.start(listener)
+  fe._send(wire.ready())
+  gc.collect()
+  gc.freeze()   # what lives as long as the process: out of the collector's sight
+  await fe.closed
+  await http.close()
 
 
-class HTTPThread:
-  """uvicorn serving `FrontEnd(app)` on its own thread, on a socket bound at
-  construction (port 0: a free port, see `port`)."""
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description="coltrain's HTTP front-end process (internal)")
+  p.add_argument("--listen_fd", type=int, required=True)
+  p.add_argument("--ipc_fd", type=int, required=True)
+  p.add_argument("--shared_fd", type=int, default=-1)
+  a = p.parse_args(argv)
+  signal.signal(signal.SIGINT, signal.SIG_IGN)   # the device process decides when to stop
+  _die_with_parent()
+  listener = socket.socket(fileno=a.listen_fd)
+  link = socket.socket(fileno=a.ipc_fd)
+  shared = mmap.mmap(a.shared_fd, mmap.PAGESIZE) if a.shared_fd >= 0 else None
+  try:
+    import uvloop
+    uvloop.run(_serve(listener, link, shared))
+  except ImportError:
+    asyncio.run(_serve(listener, link, shared))
+  return 0
 
-  def __init__(self, app: "Server", host: str, port: int):
-    import uvicorn
-    try:
-      import uvloop  # noqa: F401
-      loop = "uvloop"
-    except ImportError:
-      loop = "asyncio"
-    self.frontend = FrontEnd(app)
-    self.sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET,
-                              socket.SOCK_STREAM)
-    self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    self.sock.bind((host, port))
-    self.port = self.sock.getsockname()[1]
-    config = uvicorn.Config(self.frontend, loop=loop, http="httptools", lifespan="off",
-                            access_log=False, log_level="warning", backlog=4096,
-                            timeout_keep_alive=60, timeout_graceful_shutdown=5)
-    self._server = uvicorn.Server(config)
-    self._thread: Optional[threading.Thread] = None
 
-  def start(self) -> None:
-    self._thread = threading.Thread(target=self._server.run,
-                                    kwargs={"sockets": [self.sock]}, name="http", daemon=True)
-    self._thread.start()
-    while not self._server.started:
-      if not self._thread.is_alive():
-        raise RuntimeError("the HTTP server failed to start (see the log above)")
-      self._thread.join(0.01)
+def _die_with_parent() -> None:
+  """SIGKILL this process when its parent dies (Linux prctl PR_SET_PDEATHSIG)."""
+  try:
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGKILL, 0, 0, 0)
+  except (OSError, AttributeError):
+    pass
 
-  def stop(self, timeout: float = 10.0) -> None:
-    self._server.should_exit = True
-    if self._thread is not None:
-      self._thread.join(timeout)
-    self.sock.close()
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -18,6 +18,7 @@ unless it already spent half its budget before it was submitted (a front-end bac
 
 from __future__ import annotations
 
+import collections
 import math
 import threading
 from typing import Callable, Optional, Sequence
@@ -30,6 +31,7 @@ from coltrain.serve.timing import OnlineTimer
 
 
 RESPONSE_TAU_S = 0.5   # an unrefreshed response-delay estimate fades with this constant
+HOLDOFF_FULL_SHEDS = 8  # sheds within one hold-off window that give the whole hold-off
 
 
 class Shed(Exception):
@@ -55,13 +57,16 @@ class Router:
     self.shed_holdoff_s = shed_holdoff_s
     self._lock = threading.Lock()
     self._incoming = 0   # requests the HTTP layer is receiving (not yet submitted)
+    # ... and those another process's front end is receiving (set by the server)
+    self.external_incoming: Callable[[], int] = lambda: 0
     self._response = OnlineTimer(alpha=0.05)
     self._response_t = clock()   # when the response delay was last measured
+    self._sheds: collections.deque = collections.deque()   # recent shed times
     for s in self.schedulers:
       s.incoming = self.incoming
 
   def incoming(self) -> int:
-    return self._incoming
+    return self._incoming + self.external_incoming()
 
   def receiving(self, delta: int) -> None:
     """The HTTP layer started (+1) or finished (-1) receiving an inference request;
@@ -85,8 +90,7 @@ class Router:
              budget: float) -> None:
     if best is None:
       self.metrics.shed.labels(reason="queue_full").inc()
-      for s in self.schedulers:
-        s.hold_training(now + self.shed_holdoff_s)
+      self._hold_training(now)
       raise Shed("queue_full", 1.0, "every replica's queue is full; retry later")
     # An idle replica starts the request at once: never shed it (its timing estimate
     # may be stale), unless the request already spent half its budget before it got
@@ -95,12 +99,32 @@ class Router:
     best_t += self.response_delay_s(now)
     if best_t > deadline - self.margin_s and not (fresh and best.idle(now)):
       self.metrics.shed.labels(reason="deadline").inc()
-      for s in self.schedulers:   # inference is being refused: no training for a while
-        s.hold_training(now + self.shed_holdoff_s)
+      self._hold_training(now)    # inference is being refused: no training for a while
       late = best_t - (deadline - self.margin_s)
       raise Shed("deadline", max(late, best_t - now),
                  f"overloaded: predicted completion in {1e3 * (best_t - arrival):.1f} ms "
                  f"misses the {1e3 * budget:.1f} ms deadline; retry later")
+
+  def shed_unread(self) -> None:
+    """The front end refused a request before reading it (its own backlog): counted
+    as a shed, and training holds off as after any shed."""
+    self.metrics.shed.labels(reason="frontend_backlog").inc()
+    with self._lock:
+      self._hold_training(clock())
+
+  def _hold_training(self, now: float) -> None:
+    """After a shed at `now`: no replica starts a training chunk for a hold-off that
+    grows with the recent sheds, `shed_holdoff_s` x min(1, sheds within the last
+    `shed_holdoff_s` / HOLDOFF_FULL_SHEDS): a stray shed (a stall, a burst) pauses
+    training briefly, sustained shedding (overload) pauses it for the whole hold-off.
+    Called with the lock held."""
+    sheds = self._sheds
+    sheds.append(now)
+    while sheds and sheds[0] < now - self.shed_holdoff_s:
+      sheds.popleft()
+    until = now + self.shed_holdoff_s * min(1.0, len(sheds) / HOLDOFF_FULL_SHEDS)
+    for s in self.schedulers:
+      s.hold_training(until)
 
   def response_delay_s(self, now: Optional[float] = None) -> float:
     """How long results wait for the front end to send them (seconds; EWMA mean + 2
@@ -111,16 +135,15 @@ class Router:
     fade = math.exp(-max(now - self._response_t, 0.0) / RESPONSE_TAU_S)
     return self._response.predict("delay", 0.0) * fade
 
-  def completed(self, p: Pending, sent_at: float) -> None:
-    """The HTTP layer sent `p`'s response at `sent_at`: learns the delay since the
-    scheduler finished it (the response path: event-loop wake-up, GIL, encoding)."""
-    if p.finished_at is not None:
-      self._response.update("delay", max(0.0, sent_at - p.finished_at))
-      self._response_t = sent_at
+  def completed(self, delay_s: float, at: Optional[float] = None) -> None:
+    """A response was sent `delay_s` after the scheduler finished its request (the
+    response path: hand-over to the front end, its event loop, encoding): learns it."""
+    self._response.update("delay", max(0.0, delay_s))
+    self._response_t = clock() if at is None else at
 
   def submit(self, images: np.ndarray, *, arrival: Optional[float] = None,
              deadline_ms: Optional[float] = None,
-             on_done: Optional[Callable[[], None]] = None) -> Pending:
+             on_done: Optional[Callable[[Pending], None]] = None) -> Pending:
     """Admits and queues `images` (n, H, W, C) float32, or raises `Shed`. `on_done` is
     called from the scheduler thread once the request's result or error is set."""
     now = clock()

@@ -36,22 +36,20 @@ import numpy as np
 
 from coltrain.serve.metrics import ServeMetrics
 from coltrain.serve.model import Predictor, Weights, bucket_for
-from coltrain.serve.timing import OnlineTimer
+from coltrain.serve.timing import OnlineTimer, clock
 from coltrain.serve.trainer import ChunkTrainer
-
-clock = time.perf_counter
 RATE_TAU_S = 1.0   # time constant of the arrival-rate estimate
 
 
 @dataclasses.dataclass(eq=False)
 class Pending:
   """A request admitted to a replica. Once `result` or `error` is set the scheduler
-  calls `finish()`: `done` is set and `on_done` (if any; e.g. waking an event loop) is
-  called from the scheduler thread."""
+  calls `finish()`: `done` is set and `on_done(pending)` (if any; e.g. sending the
+  result to the front end) is called from the scheduler thread."""
   images: np.ndarray
   arrival: float
   deadline: float
-  on_done: Optional[Callable[[], None]] = None
+  on_done: Optional[Callable[["Pending"], None]] = None
   finished_at: Optional[float] = None   # clock() when `finish()` ran
   done: threading.Event = dataclasses.field(default_factory=threading.Event)
   result: Optional[dict] = None
@@ -65,7 +63,7 @@ class Pending:
     self.finished_at = clock()
     self.done.set()
     if self.on_done is not None:
-      self.on_done()
+      self.on_done(self)
 
 
 class DeviceScheduler:
@@ -276,6 +274,9 @@ class DeviceScheduler:
               continue
             if now < self._hold_training_until:   # requests were refused just now
               self._cv.wait(min(self._hold_training_until - now, 0.01))
+              continue
+            if not self.trainer.input_ready():    # never wait for input on the device
+              self._cv.wait(0.001)
               continue
             if self.chunk_fits(now):
               train = True

@@ -1,7 +1,7 @@
 """`Server`: the co-located inference + training server assembled from a serving config.
 
     server = Server(config)      # validates, builds, precompiles, measures (no serving yet)
-    server.start()               # scheduler threads + HTTP thread; server.url
+    server.start()               # scheduler threads + the HTTP front-end process; server.url
     ...
     server.stop()
 
@@ -28,7 +28,7 @@ from coltrain.data import open_dataset
 from coltrain.models import get_model
 from coltrain.serve.config import validate_serve
 from coltrain.cpus import CpuPartition
-from coltrain.serve.frontend import HTTPThread
+from coltrain.serve.bridge import FrontEndProcess
 from coltrain.serve.metrics import ServeMetrics
 from coltrain.serve.model import Predictor, Weights
 from coltrain.serve.router import Router
@@ -98,7 +98,7 @@ class Server:
     self.metrics.model_version.set(weights.version)
     self.cpus = CpuPartition.from_config(s.device_cpus)
     self._cpus_before: dict = {}
-    self._http = HTTPThread(self, s.host, s.port)
+    self._http = FrontEndProcess(self, s.host, s.port)
     self.port = self._http.port
     self.url = f"http://{s.host}:{self.port}"
 
@@ -108,6 +108,8 @@ class Server:
     for sch in self.schedulers:
       sch.slo_s = slo_s
     self.metrics.slo_seconds.set(slo_s)
+    if getattr(self, "_http", None) is not None:
+      self._http.set_slo(slo_s)
 
   def _calibrate(self, requests: int = CALIBRATION_REQUESTS) -> float:
     """Median latency of `requests` isolated batch-1 requests through this server's
@@ -148,7 +150,7 @@ class Server:
       self._cpus_before = self.cpus.pin_threads()
     for sch in self.schedulers:
       sch.start(on_thread_start=self.cpus.pin_device_thread if self.cpus else None)
-    self._http.start()
+    self._http.start(self.cpus)
     if s.slo_ms == 0:
       enabled = self.trainer.enabled if self.trainer is not None else False
       self.set_training(False)
@@ -178,7 +180,7 @@ class Server:
 
   @property
   def ready(self) -> bool:
-    return all(sch.alive for sch in self.schedulers)
+    return all(sch.alive for sch in self.schedulers) and self._http.error is None
 
   # -- training --------------------------------------------------------------------------
   def _publish(self, weights: Weights) -> None:

@@ -5,11 +5,17 @@ mean and mean absolute deviation of measured durations; `predict(key)` is the
 conservative estimate mean + `k_dev` x deviation used for deadline and slack decisions. A sample is clipped
 to mean + `cap_devs` x max(deviation, 10% of mean) before it is averaged in.
 Thread-safe for one writer and many readers (each update replaces a tuple).
+
+`clock()` is the serving code's time base (seconds, CLOCK_MONOTONIC on Linux: the same
+in the device and the front-end processes of one host).
 """
 
 from __future__ import annotations
 
+import time
 from typing import Hashable, Optional
+
+clock = time.perf_counter
 
 
 class OnlineTimer:

@@ -120,8 +120,10 @@ class ChunkTrainer:
     except Exception as e:  # surfaces in the next chunk, which fails the training
       self._ahead.put(e)
 
-  def _next_global(self) -> dict:
-    batch = self._ahead.get()
+  def _next_global(self, block: bool = True) -> dict:
+    """The next global batch from the input thread (raises `queue.Empty` if
+    `block=False` and none is ready)."""
+    batch = self._ahead.get(block)
     if isinstance(batch, Exception):
       raise RuntimeError(f"the training input pipeline failed: {batch}") from batch
     return batch
@@ -140,6 +142,11 @@ class ChunkTrainer:
   @property
   def finished(self) -> bool:
     return self.opt_steps >= self.total_steps
+
+  def input_ready(self) -> bool:
+    """Whether the next micro-batch is at hand (a chunk never waits for input: the
+    scheduler leaves the device to inference until the input thread catches up)."""
+    return self._global is not None or not self._ahead.empty()
 
   @property
   def active(self) -> bool:
@@ -176,13 +183,19 @@ class ChunkTrainer:
     return times
 
   def run_chunk(self) -> int:
-    """Trains up to `chunk_steps` micro-batches (fewer at the end of the run), blocking
-    until done; returns the samples trained (0 if not active)."""
+    """Trains up to `chunk_steps` micro-batches (fewer at the end of the run, or when
+    the input thread has not read the next global batch yet), blocking until done;
+    returns the samples trained (0 if not active)."""
     if not self.active:
       return 0
-    n = min(self.chunk_steps, self.total_steps * self.accumulate - self.micro_steps)
+    steps = min(self.chunk_steps, self.total_steps * self.accumulate - self.micro_steps)
     losses = []
-    for _ in range(n):
+    for _ in range(steps):
+      if self._global is None:
+        try:
+          self._global = self._next_global(block=False)
+        except queue.Empty:
+          break
       fn = self._steps[self.phase_at(self.opt_steps)]
       j = self.micro_steps % self.accumulate
       m = self.micro_batch
@@ -191,7 +204,10 @@ class ChunkTrainer:
       losses.append(metrics["loss"])
       self.micro_steps += 1
       if j == self.accumulate - 1:
-        self._global = self._next_global()          # read ahead by the input thread
+        self._global = None                         # read ahead by the input thread
+    n = len(losses)
+    if not n:
+      return 0
     losses = [float(x) for x in jax.device_get(losses)]
     self.samples += n * self.micro_batch
     bad = [x for x in losses if not math.isfinite(x)]

@@ -1,0 +1,291 @@
+"""The device process's side of the front end: it runs the HTTP front end as a separate
+process (`coltrain.serve.frontend`) and serves its messages (`coltrain.serve.wire`).
+
+Why a process: the front end's Python work (HTTP, JSON, encoding) held the GIL that the
+scheduler threads need between device calls, which stretched a batch's wall time about
+2x under load and starved training chunks. Now the device process only decodes a small
+binary message per request and encodes its result; parsing and encoding happen in the
+front end's own interpreter.
+
+  FrontEndProcess(app, host, port)   binds the listening socket (so `port` is known
+                                     at once), then on start():
+    * spawns `python -m coltrain.serve.frontend` with the listening socket, one end of
+      a socket pair and a shared counter page (memfd) as inherited file descriptors,
+      pinned to the host CPUs when the server has a device/host split;
+    * sends HELLO (model name, image shape, max batch) and waits for READY;
+    * a bridge thread reads the front end's messages: INFER -> `Router.submit` (a shed
+      is answered at once), SENT -> the router's response delay and the
+      `request_seconds` histogram, COUNT -> `requests_total`, CALL -> `Control`;
+    * results are sent by the scheduler thread that finishes them (`on_done`).
+  The front end counts the requests it is receiving in the shared page; the router adds
+  that count to `incoming`, so no training chunk starts while a request is on its way.
+  stop() closes the socket pair: the front end sees end-of-file and exits.
+
+`Control` answers every endpoint but inference (health, metadata, metrics, the
+training switch) from the server's state; the front end forwards those requests as
+they are.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from typing import TYPE_CHECKING, Any, Optional
+
+from coltrain.serve import wire
+from coltrain.serve.http import Response
+from coltrain.serve.router import Shed
+from coltrain.serve.scheduler import Pending
+
+if TYPE_CHECKING:
+  from coltrain.serve.server import Server
+
+START_TIMEOUT_S = 60.0
+INCOMING = struct.Struct("<i")   # offset 0 of the shared page: requests being received
+
+
+class HTTPError(Exception):
+  """Answer `code` with `{"error": message}` (and `headers`)."""
+
+  def __init__(self, code: int, message: str, headers: tuple[tuple[str, str], ...] = ()):
+    super().__init__(message)
+    self.code, self.message, self.headers = code, message, headers
+
+  def response(self) -> Response:
+    return Response.error(self.code, self.message, self.headers)
+
+
+class Control:
+  """Every endpoint except inference, answered from the `Server` (see the front end's
+  module docstring for the list)."""
+
+  def __init__(self, app: "Server"):
+    self.app = app
+
+  def __call__(self, method: str, path: str, body: Optional[bytes]) -> Response:
+    try:
+      if method == "POST":
+        return self._post(path, body)
+      if method in ("GET", "HEAD"):
+        return self._get(path)
+      raise HTTPError(405, f"method {method} is not allowed here")
+    except HTTPError as e:
+      return e.response()
+
+  def _get(self, path: str) -> Response:
+    app = self.app
+    parts = [p for p in path.split("/") if p]
+    if path == "/v2/health/live":
+      return Response.json(200, {"live": True})
+    if path == "/v2/health/ready":
+      ready = app.ready
+      return Response.json(200 if ready else 503, {"ready": ready})
+    if path == "/v2":
+      return Response.json(200, app.server_metadata())
+    if path == "/metrics":
+      return Response(200, app.metrics.render(), content_type="text/plain; version=0.0.4")
+    if path == "/coltrain/training":
+      return Response.json(200, app.training_status())
+    if len(parts) in (3, 4) and parts[:2] == ["v2", "models"]:
+      self._check_model(parts[2])
+      if len(parts) == 3:
+        return Response.json(200, app.model_metadata())
+      if parts[3] == "ready":
+        ready = app.ready
+        return Response.json(200 if ready else 503, {"name": app.model_name, "ready": ready})
+      if parts[3] == "infer":
+        raise HTTPError(405, "method GET is not allowed here; POST an inference request")
+    raise HTTPError(404, f"no such endpoint: GET {path}")
+
+  def _check_model(self, name: str) -> None:
+    if name != self.app.model_name:
+      raise HTTPError(404, f"unknown model '{name}'; this server serves "
+                           f"'{self.app.model_name}'")
+
+  def _post(self, path: str, body: Optional[bytes]) -> Response:
+    app = self.app
+    parts = [p for p in path.split("/") if p]
+    if path == "/coltrain/training":
+      if body is None:
+        raise HTTPError(411, "a POST needs a body: send Content-Length (or a chunked body)")
+      try:
+        obj = json.loads(body)
+      except (ValueError, RecursionError) as e:
+        raise HTTPError(400, f"request body is not valid JSON: {e}") from None
+      if not isinstance(obj, dict) or not isinstance(obj.get("enabled"), bool):
+        raise HTTPError(400, 'expected {"enabled": true|false}')
+      app.set_training(obj["enabled"])
+      return Response.json(200, app.training_status())
+    if len(parts) in (3, 4) and parts[:2] == ["v2", "models"] or path in (
+        "/v2/health/live", "/v2/health/ready", "/v2", "/metrics"):
+      raise HTTPError(405, f"method POST is not allowed on {path}")
+    raise HTTPError(404, f"no such endpoint: POST {path}")
+
+
+class FrontEndProcess:
+  """See module docstring."""
+
+  def __init__(self, app: "Server", host: str, port: int):
+    self.app = app
+    self.control = Control(app)
+    self.listener = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET,
+                                  socket.SOCK_STREAM)
+    self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    self.listener.bind((host, port))
+    self.listener.listen(4096)
+    self.port = self.listener.getsockname()[1]
+    self._memfd = os.memfd_create("coltrain-frontend", 0)
+    os.ftruncate(self._memfd, mmap.PAGESIZE)
+    self._shared = mmap.mmap(self._memfd, mmap.PAGESIZE)
+    self.proc: Optional[subprocess.Popen] = None
+    self._cpus = None
+    self._sock: Optional[socket.socket] = None
+    self._thread: Optional[threading.Thread] = None
+    self._send_lock = threading.Lock()
+    self._ready = threading.Event()
+    self.error: Optional[str] = None   # why the front end stopped, if it did
+    app.router.external_incoming = self.incoming
+
+  def incoming(self) -> int:
+    """Requests the front end is receiving (headers read, not yet handed over)."""
+    return max(INCOMING.unpack_from(self._shared, 0)[0], 0)
+
+  @property
+  def alive(self) -> bool:
+    return self.proc is not None and self.proc.poll() is None and self.error is None
+
+  # -- life cycle ------------------------------------------------------------------------
+  def start(self, cpus=None) -> None:
+    """Starts the front end (pinned to `cpus.host`) and the bridge thread (pinned to
+    `cpus.device`: it is on the latency path, and the host CPUs are the busy ones) for
+    a `coltrain.cpus.CpuPartition` `cpus`, or unpinned."""
+    mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    fds = (self.listener.fileno(), theirs.fileno(), self._memfd)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+    self.proc = subprocess.Popen(
+        [sys.executable, "-m", "coltrain.serve.frontend", "--listen_fd", str(fds[0]),
+         "--ipc_fd", str(fds[1]), "--shared_fd", str(fds[2])],
+        pass_fds=fds, env=env)
+    theirs.close()
+    if cpus is not None:
+      os.sched_setaffinity(self.proc.pid, cpus.host)
+    self._cpus = cpus
+    self._sock = mine
+    app = self.app
+    self.send(wire.hello({"model_name": app.model_name, "image_shape": list(app.image_shape),
+                          "max_batch": app.max_batch, "slo_s": app.slo_s}))
+    self._thread = threading.Thread(target=self._serve, name="frontend-bridge", daemon=True)
+    self._thread.start()
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while not self._ready.wait(0.05):
+      if self.proc.poll() is not None or time.monotonic() > deadline:
+        code = self.proc.poll()
+        self.stop()
+        raise RuntimeError("the HTTP front end failed to start" + (
+            f" (exit status {code}; see its messages above)" if code is not None else
+            f" within {START_TIMEOUT_S:.0f} s"))
+
+  def stop(self, timeout: float = 10.0) -> None:
+    if self._sock is not None:
+      try:
+        self._sock.shutdown(socket.SHUT_RDWR)
+      except OSError:
+        pass
+    if self.proc is not None and self.proc.poll() is None:
+      try:
+        self.proc.wait(timeout)
+      except subprocess.TimeoutExpired:
+        self.proc.kill()
+        self.proc.wait(timeout)
+    if self._thread is not None:
+      self._thread.join(timeout)
+    if self._sock is not None:
+      self._sock.close()
+    self.listener.close()
+
+  # -- messages --------------------------------------------------------------------------
+  def send(self, data: bytes) -> None:
+    try:
+      with self._send_lock:
+        self._sock.sendall(data)
+    except OSError:   # the front end is gone: its requests have no one to answer
+      pass
+
+  def _serve(self) -> None:
+    if self._cpus is not None:
+      self._cpus.pin_device_thread()
+    reader = wire.Reader()
+    sock = self._sock
+    handlers = {wire.INFER: self._infer, wire.SENT: self._sent, wire.COUNT: self._count,
+                wire.CALL: self._call, wire.READY: lambda p: self._ready.set(),
+                wire.FSHED: self._front_shed}
+    while True:
+      try:
+        data = sock.recv(1 << 20)
+      except OSError:
+        data = b""
+      if not data:
+        if self.proc is not None and self.proc.poll() not in (None, 0):
+          self.error = f"the HTTP front end exited with status {self.proc.returncode}"
+        return
+      for kind, payload in reader.feed(data):
+        try:
+          handlers[kind](payload)
+        except Exception as e:  # a bug must not stop the bridge: report it
+          import traceback
+          traceback.print_exc()
+          self.error = f"front-end bridge: {type(e).__name__}: {e}"
+
+  def _infer(self, payload: bytes) -> None:
+    app = self.app
+    key, arrival, deadline_ms, images = wire.read_infer(payload, app.image_shape)
+    try:
+      app.router.submit(images, arrival=arrival, deadline_ms=deadline_ms,
+                        on_done=lambda p: self._finished(key, p))
+    except Shed as e:
+      app.metrics.requests.labels(code="503").inc()
+      self.send(wire.result_shed(key, e.retry_after_s, str(e)))
+
+  def _finished(self, key: int, p: Pending) -> None:
+    """A scheduler thread finished `p`: its result goes to the front end."""
+    if p.error is not None:
+      self.app.metrics.requests.labels(code="500").inc()
+      self.send(wire.result_error(key, 500, p.error))
+    else:
+      self.app.metrics.requests.labels(code="200").inc()
+      self.send(wire.result_ok(key, p.result, p.finished_at))
+
+  def _sent(self, payload: bytes) -> None:
+    delay, latency = wire.read_sent(payload)
+    self.app.router.completed(delay)
+    self.app.metrics.request_seconds.observe(latency)
+
+  def set_slo(self, slo_s: float) -> None:
+    """Tells a running front end the new latency objective."""
+    if self._sock is not None:
+      self.send(wire.slo(slo_s))
+
+  def _front_shed(self, payload: bytes) -> None:
+    self.app.metrics.requests.labels(code="503").inc()
+    self.app.router.shed_unread()
+
+  def _count(self, payload: bytes) -> None:
+    self.app.metrics.requests.labels(code=str(wire.read_count(payload))).inc()
+
+  def _call(self, payload: bytes) -> None:
+    key, method, path, body = wire.read_call(payload)
+    try:
+      r = self.control(method, path, body)
+    except Exception as e:  # a bug must not take the server down: report it
+      import traceback
+      traceback.print_exc()
+      r = Response.error(500, f"internal error: {type(e).__name__}: {e}")
+    self.send(wire.reply(key, r.code, r.body, r.content_type, r.headers))

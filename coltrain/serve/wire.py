@@ -1,0 +1,197 @@
+"""The messages between the front-end process and the device process (one stream socket).
+
+Every message is a frame: u32 length of the rest, u8 kind, then the kind's fields,
+little-endian. Images and logits travel as raw float32 (row-major); everything small is
+packed with `struct`. Times are `coltrain.serve.scheduler.clock()` readings
+(CLOCK_MONOTONIC, the same in both processes on one host).
+
+front end -> device
+  INFER   key u64, arrival f64, deadline_ms f64 (0: the SLO), n u32, images f32[n, *shape]
+  SENT    response_delay f64 (result finished -> response written), latency f64
+          (arrival -> response written): one per served request, for admission and
+          the `request_seconds` histogram
+  COUNT   code u16: a response the front end answered itself (400, 404, 411, 413, 504)
+  FSHED   (no fields) the front end refused a request unread (its backlog): a shed
+  CALL    key u64, method, path, body: any other endpoint, answered by the device process
+  READY   (no fields) the front end is serving
+device -> front end
+  HELLO   JSON {model_name, image_shape, max_batch, slo_s}: sent first
+  SLO     slo_s f64: the latency objective changed (after calibration)
+  RESULT  key u64, code u16, then for 200: version u64, queue_ms f64, compute_ms f64,
+          replica u32, batch_size u32, finished_at f64, n u32, k u32, logits f32[n, k];
+          for 503: retry_after_s f64 + message; for 500: message
+  REPLY   key u64, code u16, content type, headers (JSON list of pairs), body: a CALL's
+          answer
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from typing import Any, Iterator, Optional
+
+import numpy as np
+
+INFER, SENT, COUNT, CALL, READY, FSHED, HELLO, SLO, RESULT, REPLY = b"ISNCYFHLRP"
+_FRAME = struct.Struct("<IB")
+_INFER = struct.Struct("<QddI")
+_SENT = struct.Struct("<dd")
+_COUNT = struct.Struct("<H")
+_KEY_CODE = struct.Struct("<QH")
+_RESULT_OK = struct.Struct("<QHQddIIdII")
+_F64 = struct.Struct("<d")
+_STR = struct.Struct("<I")
+
+
+def frame(kind: int, *parts: bytes) -> bytes:
+  size = 1 + sum(len(p) for p in parts)
+  return b"".join((_FRAME.pack(size, kind),) + parts)
+
+
+def _pack_str(b: bytes) -> bytes:
+  return _STR.pack(len(b)) + b
+
+
+def _unpack_str(buf, off: int) -> tuple[bytes, int]:
+  (n,) = _STR.unpack_from(buf, off)
+  off += 4
+  return bytes(buf[off:off + n]), off + n
+
+
+class Reader:
+  """Splits a byte stream into (kind, payload memoryview) messages."""
+
+  def __init__(self):
+    self._buf = bytearray()
+
+  def feed(self, data: bytes) -> Iterator[tuple[int, memoryview]]:
+    buf = self._buf
+    buf += data
+    off = 0
+    end = len(buf)
+    out = []
+    while end - off >= 5:
+      size, kind = _FRAME.unpack_from(buf, off)
+      if end - off - 4 < size:
+        break
+      out.append((kind, bytes(buf[off + 5:off + 4 + size])))
+      off += 4 + size
+    if off:
+      del buf[:off]
+    return iter(out)
+
+
+# -- front end -> device -----------------------------------------------------------------
+def infer(key: int, arrival: float, deadline_ms: Optional[float], images: np.ndarray) -> bytes:
+  x = np.ascontiguousarray(images, np.float32)
+  return frame(INFER, _INFER.pack(key, arrival, deadline_ms or 0.0, x.shape[0]), x.tobytes())
+
+
+def read_infer(p: bytes, image_shape: tuple[int, ...]):
+  """-> (key, arrival, deadline_ms or None, images float32 (n, *image_shape))."""
+  key, arrival, deadline_ms, n = _INFER.unpack_from(p)
+  images = np.frombuffer(p, np.float32, offset=_INFER.size).reshape((n,) + image_shape)
+  return key, arrival, (deadline_ms or None), images
+
+
+def sent(response_delay: float, latency: float) -> bytes:
+  return frame(SENT, _SENT.pack(response_delay, latency))
+
+
+def read_sent(p: bytes) -> tuple[float, float]:
+  return _SENT.unpack_from(p)
+
+
+def count(code: int) -> bytes:
+  return frame(COUNT, _COUNT.pack(code))
+
+
+def read_count(p: bytes) -> int:
+  return _COUNT.unpack_from(p)[0]
+
+
+def call(key: int, method: str, path: str, body: Optional[bytes]) -> bytes:
+  has_body = body is not None
+  return frame(CALL, struct.pack("<QB", key, has_body), _pack_str(method.encode()),
+               _pack_str(path.encode("utf-8", "surrogateescape")), body or b"")
+
+
+def read_call(p: bytes) -> tuple[int, str, str, Optional[bytes]]:
+  key, has_body = struct.unpack_from("<QB", p)
+  method, off = _unpack_str(p, 9)
+  path, off = _unpack_str(p, off)
+  return (key, method.decode(), path.decode("utf-8", "surrogateescape"),
+          bytes(p[off:]) if has_body else None)
+
+
+def ready() -> bytes:
+  return frame(READY)
+
+
+def front_shed() -> bytes:
+  return frame(FSHED)
+
+
+# -- device -> front end -----------------------------------------------------------------
+def hello(info: dict[str, Any]) -> bytes:
+  return frame(HELLO, json.dumps(info).encode())
+
+
+def read_hello(p: bytes) -> dict[str, Any]:
+  return json.loads(bytes(p))
+
+
+def slo(slo_s: float) -> bytes:
+  return frame(SLO, _F64.pack(slo_s))
+
+
+def read_slo(p: bytes) -> float:
+  return _F64.unpack_from(p)[0]
+
+
+def result_ok(key: int, r: dict, finished_at: float) -> bytes:
+  logits = np.ascontiguousarray(r["logits"], np.float32)
+  n, k = logits.shape
+  return frame(RESULT, _RESULT_OK.pack(key, 200, r["version"], r["queue_ms"], r["compute_ms"],
+                                       r["replica"], r["batch_size"], finished_at, n, k),
+               logits.tobytes())
+
+
+def result_shed(key: int, retry_after_s: float, message: str) -> bytes:
+  return frame(RESULT, _KEY_CODE.pack(key, 503), _F64.pack(retry_after_s), message.encode())
+
+
+def result_error(key: int, code: int, message: str) -> bytes:
+  return frame(RESULT, _KEY_CODE.pack(key, code), message.encode())
+
+
+def read_result(p: bytes) -> tuple[int, int, Any]:
+  """-> (key, code, fields): 200: dict(version, queue_ms, compute_ms, replica,
+  batch_size, finished_at, logits); 503: (retry_after_s, message); else: message."""
+  key, code = _KEY_CODE.unpack_from(p)
+  if code == 200:
+    (_, _, version, queue_ms, compute_ms, replica, batch_size, finished_at, n,
+     k) = _RESULT_OK.unpack_from(p)
+    logits = np.frombuffer(p, np.float32, offset=_RESULT_OK.size).reshape(n, k)
+    return key, code, {"version": version, "queue_ms": queue_ms, "compute_ms": compute_ms,
+                       "replica": replica, "batch_size": batch_size,
+                       "finished_at": finished_at, "logits": logits}
+  off = _KEY_CODE.size
+  if code == 503:
+    (retry,) = _F64.unpack_from(p, off)
+    return key, code, (retry, bytes(p[off + 8:]).decode())
+  return key, code, bytes(p[off:]).decode()
+
+
+def reply(key: int, code: int, body: bytes, content_type: str,
+          headers: tuple[tuple[str, str], ...] = ()) -> bytes:
+  return frame(REPLY, _KEY_CODE.pack(key, code), _pack_str(content_type.encode()),
+               _pack_str(json.dumps(list(headers)).encode()), body)
+
+
+def read_reply(p: bytes) -> tuple[int, int, str, tuple[tuple[str, str], ...], bytes]:
+  key, code = _KEY_CODE.unpack_from(p)
+  ctype, off = _unpack_str(p, _KEY_CODE.size)
+  headers, off = _unpack_str(p, off)
+  return (key, code, ctype.decode(), tuple(tuple(h) for h in json.loads(headers)),
+          bytes(p[off:]))

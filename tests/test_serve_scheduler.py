@@ -366,21 +366,27 @@ def test_a_request_that_waited_in_the_front_end_is_shed_even_on_an_idle_replica(
 
 
 def test_shedding_holds_training_off_longer_the_more_is_shed():
-  from coltrain.serve.router import HOLDOFF_FULL_SHEDS
+  from coltrain.serve.router import HOLDOFF_FULL_FRACTION
   log = []
   trainer = FakeTrainer(log)
-  s, _ = make_sched(trainer=trainer, slo=0.05)
+  s, _ = make_sched(trainer=trainer, slo=0.05, max_queue=10_000)
   router = Router([s], ServeMetrics(), slo_s=0.05, margin_s=0.0, shed_holdoff_s=0.4)
-  s._busy_until = clock() + 0.2              # busy for 200 ms: a 50 ms deadline is hopeless
+  for _ in range(999):                       # many requests served ...
+    router.submit(np.zeros((1,) + SHAPE, np.float32), deadline_ms=60_000)
+  s._busy_until = clock() + 0.2              # ... then one that cannot make 50 ms
   with pytest.raises(Shed):
     router.submit(np.zeros((1,) + SHAPE, np.float32))
-  one = s._hold_training_until - clock()     # one stray shed: a short pause
-  assert 0 < one <= 0.4 / HOLDOFF_FULL_SHEDS + 0.01
-  for _ in range(HOLDOFF_FULL_SHEDS):        # sustained shedding: the whole hold-off
+  assert router.recent_shed_fraction() == pytest.approx(1e-3, rel=0.05)
+  stray = s._hold_training_until - clock()   # one stray shed in 1,000: a short pause
+  assert 0 < stray <= 0.4 * 1e-3 / HOLDOFF_FULL_FRACTION + 0.001
+  for _ in range(100):                       # sustained shedding: the whole hold-off
     with pytest.raises(Shed):
       router.submit(np.zeros((1,) + SHAPE, np.float32))
   shed_at = clock()
+  assert router.recent_shed_fraction() > HOLDOFF_FULL_FRACTION
   assert s._hold_training_until - shed_at >= 0.4 - 0.01
+  s._queue.clear()
+  s._queued_images = 0
   s._busy_until = 0.0
   s.start()
   try:

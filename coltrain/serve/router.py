@@ -18,7 +18,6 @@ unless it already spent half its budget before it was submitted (a front-end bac
 
 from __future__ import annotations
 
-import collections
 import math
 import threading
 from typing import Callable, Optional, Sequence
@@ -31,7 +30,8 @@ from coltrain.serve.timing import OnlineTimer
 
 
 RESPONSE_TAU_S = 0.5   # an unrefreshed response-delay estimate fades with this constant
-HOLDOFF_FULL_SHEDS = 8  # sheds within one hold-off window that give the whole hold-off
+HOLDOFF_FULL_FRACTION = 0.05  # a recent shed fraction that gives the whole hold-off
+SHED_TAU_S = 0.5        # time constant of the recent arrival and shed counts
 
 
 class Shed(Exception):
@@ -61,7 +61,9 @@ class Router:
     self.external_incoming: Callable[[], int] = lambda: 0
     self._response = OnlineTimer(alpha=0.05)
     self._response_t = clock()   # when the response delay was last measured
-    self._sheds: collections.deque = collections.deque()   # recent shed times
+    self._arrived = 0.0   # requests (admitted or shed) and sheds, exponentially
+    self._shed = 0.0      # decayed with SHED_TAU_S, as of `_counted_t`
+    self._counted_t = clock()
     for s in self.schedulers:
       s.incoming = self.incoming
 
@@ -90,6 +92,7 @@ class Router:
              budget: float) -> None:
     if best is None:
       self.metrics.shed.labels(reason="queue_full").inc()
+      self._count(now, shed=True)
       self._hold_training(now)
       raise Shed("queue_full", 1.0, "every replica's queue is full; retry later")
     # An idle replica starts the request at once: never shed it (its timing estimate
@@ -99,6 +102,7 @@ class Router:
     best_t += self.response_delay_s(now)
     if best_t > deadline - self.margin_s and not (fresh and best.idle(now)):
       self.metrics.shed.labels(reason="deadline").inc()
+      self._count(now, shed=True)
       self._hold_training(now)    # inference is being refused: no training for a while
       late = best_t - (deadline - self.margin_s)
       raise Shed("deadline", max(late, best_t - now),
@@ -110,19 +114,29 @@ class Router:
     as a shed, and training holds off as after any shed."""
     self.metrics.shed.labels(reason="frontend_backlog").inc()
     with self._lock:
-      self._hold_training(clock())
+      now = clock()
+      self._count(now, shed=True)
+      self._hold_training(now)
+
+  def _count(self, now: float, shed: bool) -> None:
+    """Counts a request (and whether it was shed) in the decayed recent counts."""
+    f = math.exp(-max(now - self._counted_t, 0.0) / SHED_TAU_S)
+    self._arrived = self._arrived * f + 1.0
+    self._shed = self._shed * f + shed
+    self._counted_t = now
+
+  def recent_shed_fraction(self) -> float:
+    """The fraction of recent requests that were shed (time constant SHED_TAU_S)."""
+    return self._shed / self._arrived if self._arrived else 0.0
 
   def _hold_training(self, now: float) -> None:
-    """After a shed at `now`: no replica starts a training chunk for a hold-off that
-    grows with the recent sheds, `shed_holdoff_s` x min(1, sheds within the last
-    `shed_holdoff_s` / HOLDOFF_FULL_SHEDS): a stray shed (a stall, a burst) pauses
-    training briefly, sustained shedding (overload) pauses it for the whole hold-off.
-    Called with the lock held."""
-    sheds = self._sheds
-    sheds.append(now)
-    while sheds and sheds[0] < now - self.shed_holdoff_s:
-      sheds.popleft()
-    until = now + self.shed_holdoff_s * min(1.0, len(sheds) / HOLDOFF_FULL_SHEDS)
+    """After a shed at `now`: no replica starts a training chunk for `shed_holdoff_s` x
+    min(1, recent shed fraction / HOLDOFF_FULL_FRACTION). A stray shed (a stall, a
+    burst) among many served requests pauses training only briefly; sustained
+    shedding (overload: 5 % or more refused) pauses it for the whole hold-off.
+    Called with the lock held, after `_count`."""
+    frac = self.recent_shed_fraction()
+    until = now + self.shed_holdoff_s * min(1.0, frac / HOLDOFF_FULL_FRACTION)
     for s in self.schedulers:
       s.hold_training(until)
 
@@ -154,6 +168,7 @@ class Router:
     with self._lock:
       best, best_t = self._best(n, now)
       self._check(best, best_t, now, arrival, deadline, budget)
+      self._count(now, shed=False)
       p = Pending(images=images, arrival=arrival, deadline=deadline, on_done=on_done)
       best.submit(p)
     return p

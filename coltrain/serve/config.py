@@ -28,7 +28,7 @@ SERVE_DEFAULTS: dict[str, Any] = {
     "max_batch_size": 32,       # images per inference batch (a power of two)
     "max_queue": 4096,          # queued requests per replica before shedding (hard cap)
     "margin_ms": 1.0,           # safety margin in deadline/slack predictions (HTTP, jitter)
-    "shed_holdoff_ms": 250.0,   # no training chunk starts this long after a shed request
+    "shed_holdoff_ms": 250.0,   # training pause after a shed, x min(1, shed fraction / 5%)
     "replicas": 1,              # scheduler threads, one per (simulated) device
     "train": True,              # co-located training in idle cycles
     "train_replica": 0,         # the replica whose device trains

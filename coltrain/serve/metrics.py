@@ -5,7 +5,8 @@ Exposed at `/metrics` in the Prometheus text format. Names (all prefixed `coltra
   request_seconds                 server-side latency of served requests (arrival->result)
   queue_seconds, compute_seconds  per request: time queued; per batch: device time
   batch_images                    images per inference batch (before bucket padding)
-  shed_total{reason}              requests refused by admission control
+  shed_total{reason}              requests refused: deadline, queue_full (admission
+                                  control), frontend_backlog (refused unread by the front end)
   deadline_miss_total             served requests that finished after their deadline
   inference_busy_seconds_total{replica}, train_busy_seconds_total   device time by kind
   train_steps_total, train_samples_total, train_chunks_total, train_failures_total

@@ -9,6 +9,9 @@ One `DeviceScheduler` per replica (replica r on local JAX device r), the `Router
 front, and with `serve.train` a `ChunkTrainer` on replica `serve.train_replica` whose
 published weights go to every replica. The served model starts from the training run's
 initial weights (`seed`); its version is the optimizer step that produced the weights.
+HTTP is served by a separate front-end process (`coltrain.serve.bridge.FrontEndProcess`,
+bound at construction, started by `start()`, stopped by `stop()`), so request parsing
+and encoding never hold this process's GIL.
 """
 
 from __future__ import annotations

@@ -171,7 +171,8 @@ class FrontEnd(asyncio.Protocol):
     self.link.write(message)
     return True
 
-  def _wait(self, request_id: Optional[str], arrival: float, timeout: float) -> tuple[int, _Waiting]:
+  def _wait(self, request_id: Optional[str], arrival: float,
+            timeout: float) -> tuple[int, _Waiting]:
     key = self._next_key
     self._next_key += 1
     w = self._waiting[key] = _Waiting(request_id, arrival)
@@ -179,10 +180,12 @@ class FrontEnd(asyncio.Protocol):
     return key, w
 
   def _timed_out(self, key: int) -> None:
-    if key in self._waiting:
-      self._waiting[key].timer = None
-      self._post_later(wire.count(504))
-      self._answer(key, Response.error(504, "inference timed out"))
+    w = self._waiting.get(key)
+    if w is not None:
+      w.timer = None
+      if w.arrival:                         # an inference request (not a forwarded call)
+        self._post_later(wire.count(504))
+      self._answer(key, Response.error(504, "no answer from the device process in time"))
 
   def _answer(self, key: int, response: Response) -> Optional[_Waiting]:
     w = self._waiting.pop(key, None)

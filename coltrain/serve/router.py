@@ -7,13 +7,13 @@ from online timings, including a training chunk in progress) and queues it on th
 replica that finishes it first. Predictions add the measured response delay (how long
 recent results waited for the front end to send them, which the device-side prediction
 cannot see and which grows when the front end is overloaded). If even that replica
-would miss the deadline
-(minus the safety margin), or every queue is at its cap, the request is shed: `Shed`
-carries the reason and a Retry-After hint, and the HTTP layer answers 503 instead of
-letting the queue grow, and no replica starts a training chunk for `shed_holdoff_s`
-(training must not take cycles while inference is refused). A request that would start at once on an idle replica is not
-shed (there is no backlog to avoid, and serving it keeps the online timings fresh)
-unless it already spent half its budget before it was submitted (a front-end backlog).
+would miss the deadline (minus the safety margin), or every queue is at its cap, the
+request is shed: `Shed` carries the reason and a Retry-After hint, and the HTTP layer
+answers 503 instead of letting the queue grow; and no replica starts a training chunk
+for a while (`_hold_training`: training must not take cycles while inference is
+refused). A request that would start at once on an idle replica is not shed (there
+is no backlog to avoid, and serving it keeps the online timings fresh) unless it
+already spent half its budget before it was submitted (a front-end backlog).
 """
 
 from __future__ import annotations

@@ -38,6 +38,7 @@ from coltrain.serve.metrics import ServeMetrics
 from coltrain.serve.model import Predictor, Weights, bucket_for
 from coltrain.serve.timing import OnlineTimer, clock
 from coltrain.serve.trainer import ChunkTrainer
+
 RATE_TAU_S = 1.0   # time constant of the arrival-rate estimate
 
 

@@ -81,9 +81,17 @@ def _serve(kind: str, port_file: str) -> None:
     config = uvicorn.Config(app, loop="uvloop", http="httptools", lifespan="off",
                             access_log=False, log_level="warning")
     server = uvicorn.Server(config)
-    loop = uvloop.new_event_loop()
-    loop.call_later(0.5, ready)
-    loop.run_until_complete(server.serve(sockets=[sock]))
+
+    async def main():
+      serving = asyncio.ensure_future(server.serve(sockets=[sock]))
+      while not server.started:   # listening: tell the driver
+        if serving.done():
+          return await serving
+        await asyncio.sleep(0.01)
+      ready()
+      await serving
+
+    uvloop.run(main())
 
 
 def _cpu_seconds(pid: int) -> float:

@@ -74,8 +74,9 @@ def main(argv):
 
   signal.signal(signal.SIGINT, on_signal)
   signal.signal(signal.SIGTERM, on_signal)
-  # Hand the GIL over every 0.5 ms (default 5 ms): the scheduler threads must not wait
-  # behind the front end's event loop for whole switch intervals on the latency path.
+  # Hand the GIL over every 0.5 ms (default 5 ms): a scheduler thread must not wait
+  # behind the front-end bridge thread (or another scheduler) for whole switch
+  # intervals on the latency path.
   sys.setswitchinterval(0.0005)
   server.start()
   # Everything built so far (JAX, flax, the compiled executables) lives as long as the

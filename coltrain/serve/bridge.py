@@ -32,11 +32,11 @@ import json
 import mmap
 import os
 import socket
-import struct
 import subprocess
 import sys
 import threading
 import time
+import traceback
 from typing import TYPE_CHECKING, Any, Optional
 
 from coltrain.serve import wire
@@ -48,7 +48,6 @@ if TYPE_CHECKING:
   from coltrain.serve.server import Server
 
 START_TIMEOUT_S = 60.0
-INCOMING = struct.Struct("<i")   # offset 0 of the shared page: requests being received
 
 
 class HTTPError(Exception):
@@ -82,9 +81,7 @@ class Control:
   def _get(self, path: str) -> Response:
     app = self.app
     parts = [p for p in path.split("/") if p]
-    if path == "/v2/health/live":
-      return Response.json(200, {"live": True})
-    if path == "/v2/health/ready":
+    if path == "/v2/health/ready":   # (liveness is answered by the front end itself)
       ready = app.ready
       return Response.json(200 if ready else 503, {"ready": ready})
     if path == "/v2":
@@ -151,15 +148,7 @@ class FrontEndProcess:
     self._send_lock = threading.Lock()
     self._ready = threading.Event()
     self.error: Optional[str] = None   # why the front end stopped, if it did
-    app.router.external_incoming = self.incoming
-
-  def incoming(self) -> int:
-    """Requests the front end is receiving (headers read, not yet handed over)."""
-    return max(INCOMING.unpack_from(self._shared, 0)[0], 0)
-
-  @property
-  def alive(self) -> bool:
-    return self.proc is not None and self.proc.poll() is None and self.error is None
+    app.router.incoming_source = lambda: wire.read_incoming(self._shared)
 
   # -- life cycle ------------------------------------------------------------------------
   def start(self, cpus=None) -> None:
@@ -240,7 +229,6 @@ class FrontEndProcess:
         try:
           handlers[kind](payload)
         except Exception as e:  # a bug must not stop the bridge: report it
-          import traceback
           traceback.print_exc()
           self.error = f"front-end bridge: {type(e).__name__}: {e}"
 
@@ -251,16 +239,16 @@ class FrontEndProcess:
       app.router.submit(images, arrival=arrival, deadline_ms=deadline_ms,
                         on_done=lambda p: self._finished(key, p))
     except Shed as e:
-      app.metrics.requests.labels(code="503").inc()
+      app.metrics.count_response(503)
       self.send(wire.result_shed(key, e.retry_after_s, str(e)))
 
   def _finished(self, key: int, p: Pending) -> None:
     """A scheduler thread finished `p`: its result goes to the front end."""
     if p.error is not None:
-      self.app.metrics.requests.labels(code="500").inc()
+      self.app.metrics.count_response(500)
       self.send(wire.result_error(key, 500, p.error))
     else:
-      self.app.metrics.requests.labels(code="200").inc()
+      self.app.metrics.count_response(200)
       self.send(wire.result_ok(key, p.result, p.finished_at))
 
   def _sent(self, payload: bytes) -> None:
@@ -274,18 +262,17 @@ class FrontEndProcess:
       self.send(wire.slo(slo_s))
 
   def _front_shed(self, payload: bytes) -> None:
-    self.app.metrics.requests.labels(code="503").inc()
+    self.app.metrics.count_response(503)
     self.app.router.shed_unread()
 
   def _count(self, payload: bytes) -> None:
-    self.app.metrics.requests.labels(code=str(wire.read_count(payload))).inc()
+    self.app.metrics.count_response(wire.read_count(payload))
 
   def _call(self, payload: bytes) -> None:
     key, method, path, body = wire.read_call(payload)
     try:
       r = self.control(method, path, body)
     except Exception as e:  # a bug must not take the server down: report it
-      import traceback
       traceback.print_exc()
       r = Response.error(500, f"internal error: {type(e).__name__}: {e}")
     self.send(wire.reply(key, r.code, r.body, r.content_type, r.headers))

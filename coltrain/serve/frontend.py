@@ -47,7 +47,6 @@ import math
 import mmap
 import signal
 import socket
-import struct
 import sys
 from typing import Any, Optional
 
@@ -60,7 +59,6 @@ MAX_BODY_BYTES = 16 << 20
 FRONT_SHED_FRACTION = 0.5  # refuse unparsed when the backlog took this much of the SLO
 RESULT_GRACE_S = 60.0     # 504 if a request's result is this late past its deadline
 KEEP_ALIVE_S = 60.0       # idle keep-alive connections are closed after this
-INCOMING = struct.Struct("<i")
 
 
 class LoopBacklog:
@@ -102,10 +100,11 @@ class LoopBacklog:
 
 
 class _Waiting:
-  """A request sent to the device process, waiting for its answer."""
+  """A request sent to the device process, waiting for its answer (`arrival` is None
+  for a forwarded call: only inference requests have one)."""
   __slots__ = ("reply", "request_id", "arrival", "timer")
 
-  def __init__(self, request_id: Optional[str], arrival: float):
+  def __init__(self, request_id: Optional[str], arrival: Optional[float]):
     self.reply = Deferred()
     self.request_id, self.arrival = request_id, arrival
     self.timer: Optional[asyncio.TimerHandle] = None
@@ -171,7 +170,7 @@ class FrontEnd(asyncio.Protocol):
     self.link.write(message)
     return True
 
-  def _wait(self, request_id: Optional[str], arrival: float,
+  def _wait(self, request_id: Optional[str], arrival: Optional[float],
             timeout: float) -> tuple[int, _Waiting]:
     key = self._next_key
     self._next_key += 1
@@ -183,7 +182,7 @@ class FrontEnd(asyncio.Protocol):
     w = self._waiting.get(key)
     if w is not None:
       w.timer = None
-      if w.arrival:                         # an inference request (not a forwarded call)
+      if w.arrival is not None:             # an inference request (not a forwarded call)
         self._post_later(wire.count(504))
       self._answer(key, Response.error(504, "no answer from the device process in time"))
 
@@ -228,7 +227,7 @@ class FrontEnd(asyncio.Protocol):
   def receiving(self, delta: int) -> None:
     """Counts the requests being received in the page the device process reads."""
     if self.shared is not None:
-      INCOMING.pack_into(self.shared, 0, INCOMING.unpack_from(self.shared, 0)[0] + delta)
+      wire.add_incoming(self.shared, delta)
 
   def __call__(self, request: Request):
     path, method = request.path, request.method
@@ -238,7 +237,7 @@ class FrontEnd(asyncio.Protocol):
         return self._infer(request, parts[2])
     if path == "/v2/health/live" and method in ("GET", "HEAD"):
       return Response.json(200, {"live": True})
-    key, w = self._wait(None, 0.0, RESULT_GRACE_S)
+    key, w = self._wait(None, None, RESULT_GRACE_S)
     if not self._send(wire.call(key, method, path, request.body)):
       self._answer(key, Response.error(503, "the device process is gone"))
     return w.reply
@@ -266,7 +265,7 @@ class FrontEnd(asyncio.Protocol):
                                 max_images=info["max_batch"])
     except ProtocolError as e:
       return self._error(400, str(e))
-    budget_s = (req.deadline_ms or 0.0) / 1e3 or 60.0
+    budget_s = req.deadline_ms / 1e3 if req.deadline_ms else self.slo_s
     key, w = self._wait(req.id, request.received,
                         max(request.received + budget_s - clock(), 0.0) + RESULT_GRACE_S)
     if not self._send(wire.infer(key, request.received, req.deadline_ms, req.images)):

@@ -64,6 +64,15 @@ class ServeMetrics:
                                  registry=r)
     self.slo_seconds = prom.Gauge("coltrain_slo_seconds", "The latency objective",
                                   registry=r)
+    self._responses: dict[int, prom.Counter] = {}
+
+  def count_response(self, code: int) -> None:
+    """Counts an inference response with HTTP status `code` (`requests_total`); the
+    labelled child is looked up once per code, not per request."""
+    c = self._responses.get(code)
+    if c is None:
+      c = self._responses[code] = self.requests.labels(code=str(code))
+    c.inc()
 
   def render(self) -> bytes:
     return prom.generate_latest(self.registry)

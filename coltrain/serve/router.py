@@ -56,9 +56,8 @@ class Router:
     self.margin_s = margin_s
     self.shed_holdoff_s = shed_holdoff_s
     self._lock = threading.Lock()
-    self._incoming = 0   # requests the HTTP layer is receiving (not yet submitted)
-    # ... and those another process's front end is receiving (set by the server)
-    self.external_incoming: Callable[[], int] = lambda: 0
+    # requests the front end is receiving (not yet submitted); set by the server
+    self.incoming_source: Callable[[], int] = lambda: 0
     self._response = OnlineTimer(alpha=0.05)
     self._response_t = clock()   # when the response delay was last measured
     self._arrived = 0.0   # requests (admitted or shed) and sheds, exponentially
@@ -68,13 +67,9 @@ class Router:
       s.incoming = self.incoming
 
   def incoming(self) -> int:
-    return self._incoming + self.external_incoming()
-
-  def receiving(self, delta: int) -> None:
-    """The HTTP layer started (+1) or finished (-1) receiving an inference request;
-    schedulers do not start a training chunk while one is being received."""
-    with self._lock:
-      self._incoming += delta
+    """Requests the front end is receiving; schedulers do not start a training chunk
+    while one is on its way."""
+    return self.incoming_source()
 
   def _best(self, n: int, now: float):
     """(replica, predicted completion) of the replica finishing n images first, or

@@ -97,13 +97,13 @@ class Server:
     self.batch1_http_s: Optional[float] = None
     self._router = Router(self.schedulers, self.metrics, CALIBRATION_SLO_S,
                           s.margin_ms / 1e3, s.shed_holdoff_ms / 1e3)
+    self._http = FrontEndProcess(self, s.host, s.port)
+    self.port = self._http.port
+    self.url = f"http://{s.host}:{self.port}"
     self._set_slo(s.slo_ms / 1e3 if s.slo_ms > 0 else CALIBRATION_SLO_S)
     self.metrics.model_version.set(weights.version)
     self.cpus = CpuPartition.from_config(s.device_cpus)
     self._cpus_before: dict = {}
-    self._http = FrontEndProcess(self, s.host, s.port)
-    self.port = self._http.port
-    self.url = f"http://{s.host}:{self.port}"
 
   def _set_slo(self, slo_s: float) -> None:
     self.slo_s = slo_s
@@ -111,8 +111,7 @@ class Server:
     for sch in self.schedulers:
       sch.slo_s = slo_s
     self.metrics.slo_seconds.set(slo_s)
-    if getattr(self, "_http", None) is not None:
-      self._http.set_slo(slo_s)
+    self._http.set_slo(slo_s)   # (a front end not started yet gets it in its HELLO)
 
   def _calibrate(self, requests: int = CALIBRATION_REQUESTS) -> float:
     """Median latency of `requests` isolated batch-1 requests through this server's

@@ -2,8 +2,11 @@
 
 Every message is a frame: u32 length of the rest, u8 kind, then the kind's fields,
 little-endian. Images and logits travel as raw float32 (row-major); everything small is
-packed with `struct`. Times are `coltrain.serve.scheduler.clock()` readings
+packed with `struct`. Times are `coltrain.serve.timing.clock()` readings
 (CLOCK_MONOTONIC, the same in both processes on one host).
+
+Beside the stream, a shared page (`add_incoming` / `read_incoming`) holds, at offset 0,
+the number of requests the front end is receiving (i32; only the front end writes it).
 
 front end -> device
   INFER   key u64, arrival f64, deadline_ms f64 (0: the SLO), n u32, images f32[n, *shape]
@@ -28,7 +31,7 @@ from __future__ import annotations
 
 import json
 import struct
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import numpy as np
 
@@ -41,6 +44,17 @@ _KEY_CODE = struct.Struct("<QH")
 _RESULT_OK = struct.Struct("<QHQddIIdII")
 _F64 = struct.Struct("<d")
 _STR = struct.Struct("<I")
+_INCOMING = struct.Struct("<i")
+
+
+def add_incoming(page, delta: int) -> None:
+  """Front end: one more (+1) or one fewer (-1) request being received."""
+  _INCOMING.pack_into(page, 0, _INCOMING.unpack_from(page, 0)[0] + delta)
+
+
+def read_incoming(page) -> int:
+  """Device process: the requests the front end is receiving."""
+  return max(_INCOMING.unpack_from(page, 0)[0], 0)
 
 
 def frame(kind: int, *parts: bytes) -> bytes:
@@ -59,12 +73,13 @@ def _unpack_str(buf, off: int) -> tuple[bytes, int]:
 
 
 class Reader:
-  """Splits a byte stream into (kind, payload memoryview) messages."""
+  """Splits a byte stream into (kind, payload bytes) messages."""
 
   def __init__(self):
     self._buf = bytearray()
 
-  def feed(self, data: bytes) -> Iterator[tuple[int, memoryview]]:
+  def feed(self, data: bytes) -> list[tuple[int, bytes]]:
+    """The messages completed by `data` (a partial one waits for the rest)."""
     buf = self._buf
     buf += data
     off = 0
@@ -78,7 +93,7 @@ class Reader:
       off += 4 + size
     if off:
       del buf[:off]
-    return iter(out)
+    return out
 
 
 # -- front end -> device -----------------------------------------------------------------

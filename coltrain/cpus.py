@@ -102,6 +102,43 @@ def _thread_ids() -> list[int]:
   return [int(t) for t in os.listdir("/proc/self/task")]
 
 
+class DeviceCpuClock:
+  """On-CPU seconds of this process's threads confined to a set of CPUs.
+
+  `seconds()` sums the time on CPU (`/proc/self/task/*/schedstat`, nanoseconds) of every
+  current thread whose allowed CPUs lie within `cpus`: with a device/host split, the
+  emulated device's work (XLA's pools, including the parts of a computation XLA runs on
+  the calling thread, the scheduler threads, the front-end bridge). Its rate over a
+  window is how busy the device cores were, the busy fraction of the emulated device.
+  A thread found on the device cores stays counted (threads are pinned once, at
+  start-up; the others are checked at every call, so a thread that pins itself later is
+  found); a thread that ended no longer counts, so the sum may drop then (the device's
+  threads live as long as the server)."""
+
+  def __init__(self, cpus: frozenset[int]):
+    self.cpus = frozenset(cpus)
+    self._on_device: set[int] = set()
+
+  def seconds(self) -> float:
+    total = 0
+    current = _thread_ids()
+    self._on_device &= set(current)
+    for tid in current:
+      if tid not in self._on_device:
+        try:
+          if not frozenset(os.sched_getaffinity(tid)) <= self.cpus:
+            continue
+        except OSError:   # ended meanwhile
+          continue
+        self._on_device.add(tid)
+      try:
+        with open(f"/proc/self/task/{tid}/schedstat") as f:
+          total += int(f.read().split()[0])
+      except (OSError, ValueError, IndexError):
+        continue
+    return total / 1e9
+
+
 def thread_cpus() -> dict[int, frozenset[int]]:
   """{thread id: allowed CPUs} of every thread of this process (for tests, reports)."""
   out = {}

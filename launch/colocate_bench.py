@@ -24,7 +24,10 @@ bursty Gamma CV 2 load on A and D);
 (5) overload at rho = 1.5 on D and A; (6) 1,000 malformed requests, then a health check and a
 valid request. Training throughput is the servers' `coltrain_train_samples_total` rate
 over the exact arrival window of each run (sampled 5 times a second); U (inference busy
-fraction) is `coltrain_inference_busy_seconds_total`'s rate in A.
+fraction) is `coltrain_inference_busy_seconds_total`'s rate in A (the device time of
+its batches), and U_device the busy fraction of A's device cores
+(`coltrain_device_cpu_seconds_total`: everything the emulated device ran to serve,
+batching, admission and XLA's dispatch included).
 
 Cores: with --device_cpus (default: the last core) both servers run their device work
 (XLA, schedulers) on the reserved cores and their front ends, the load generators and
@@ -133,7 +136,8 @@ def run_loadgen(url: str, args: list[str], timeout: float) -> dict:
 class Poller:
   """Samples counters of several servers 5 times a second: (unix time, {key: value})."""
   KEYS = ("coltrain_train_samples_total", 'coltrain_inference_busy_seconds_total{replica="0"}',
-          "coltrain_train_busy_seconds_total", "coltrain_train_steps_total")
+          "coltrain_train_busy_seconds_total", "coltrain_train_steps_total",
+          "coltrain_device_cpu_seconds_total", "coltrain_device_cpus")
 
   def __init__(self, servers: dict[str, ServeProcess], period: float = 0.2,
                cpus: Optional[frozenset] = None):
@@ -361,6 +365,7 @@ def main(argv=None) -> int:
              "loadavg_1m": round(os.getloadavg()[0], 2), **r}
       rec["inference_busy_fraction"] = poll.rate(
           'S:coltrain_inference_busy_seconds_total{replica="0"}', w0, w1)
+      rec["device_busy_fraction"] = device_busy(poll, "S", w0, w1)
       who = {"C": "T", "D": "S"}.get(cfg)
       rec["train_samples_per_s"] = (poll.rate(f"{who}:coltrain_train_samples_total", w0, w1)
                                     if who else 0.0)
@@ -415,6 +420,16 @@ def main(argv=None) -> int:
   return 0
 
 
+def device_busy(poll: Poller, server: str, t0: float, t1: float) -> Optional[float]:
+  """The busy fraction of `server`'s device cores over [t0, t1]: the on-CPU time of its
+  threads there (`coltrain_device_cpu_seconds_total`) per second and core; None without
+  a device/host split."""
+  rate = poll.rate(f"{server}:coltrain_device_cpu_seconds_total", t0, t1)
+  cores = max((r.get(f"{server}:coltrain_device_cpus", 0.0) for _, r in poll.samples),
+              default=0.0)
+  return rate / cores if rate is not None and cores else None
+
+
 def split_cpus(spec: str) -> tuple[str, frozenset]:
   """('device cpu list' for serve.device_cpus, host cpu set) for --device_cpus."""
   from coltrain.cpus import CpuPartition, check_device_cpus
@@ -440,7 +455,10 @@ def _get(points, cfg, rho, arrival="poisson"):
 def summarize(results: dict) -> list[dict]:
   """Per rho and arrival process, for C and D: slo_attainment, p99_inflation (p99 / p99
   of A), retention (training samples/s / B's), harvest_efficiency (retention / (1 - U),
-  U = inference busy fraction in A)."""
+  U = inference busy fraction in A: the device time of its batches), and with a
+  device/host split harvest_efficiency_device (retention / (1 - U_device), U_device = the
+  busy fraction of A's device cores: every cycle the emulated device spent serving,
+  batching and admission included)."""
   b = results["B"]["train_samples_per_s"] or float("nan")
   out = []
   pts = results["points"]
@@ -450,6 +468,7 @@ def summarize(results: dict) -> list[dict]:
     if a is None:
       continue
     u = a.get("inference_busy_fraction") or 0.0
+    u_dev = a.get("device_busy_fraction")
     a_p99 = a.get("latency_ms", {}).get("p99", float("nan"))
     for cfg in ("D", "C"):
       x = _get(pts, cfg, rho, arrival)
@@ -463,6 +482,9 @@ def summarize(results: dict) -> list[dict]:
           "p99_inflation": x.get("latency_ms", {}).get("p99", float("nan")) / a_p99,
           "retention": retention, "U": u,
           "harvest_efficiency": retention / (1.0 - u) if u < 1 else float("nan"),
+          "U_device": u_dev,
+          "harvest_efficiency_device": (retention / (1.0 - u_dev)
+                                        if u_dev is not None and u_dev < 1 else None),
           "slo_attainment_A": a.get("slo_attainment"),
           "shed_fraction": x.get("shed_fraction")})
   return out
@@ -472,13 +494,16 @@ def write_table(results: dict, path: str) -> None:
   lines = [f"SLO {results['slo_ms']:.2f} ms; capacity {results['capacity']['rps']:.0f} req/s; "
            f"B (training only) {results['B']['train_samples_per_s']:.0f} samples/s", "",
            "| arrival | rho | config | SLO attainment | p99 (ms) | p99 of A (ms) | p99 inflation"
-           " | retention | U (A) | harvest efficiency | A's SLO attainment |",
-           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+           " | retention | U (A) | harvest efficiency | U_device (A) | harvest (device) |"
+           " A's SLO attainment |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+  opt = lambda x: "n/a" if x is None else f"{x:.3f}"
   for s in results["summary"]:
     lines.append(
         f"| {s['arrival']} | {s['rho']} | {s['config']} | {s['slo_attainment']:.4f} | "
         f"{s['p99_ms']:.2f} | {s['p99_A_ms']:.2f} | {s['p99_inflation']:.2f} | "
         f"{s['retention']:.3f} | {s['U']:.3f} | {s['harvest_efficiency']:.3f} | "
+        f"{opt(s.get('U_device'))} | {opt(s.get('harvest_efficiency_device'))} | "
         f"{s['slo_attainment_A']:.4f} |")
   lines += ["", "Overload (rho = 1.5, Poisson):", "",
             "| config | offered req/s | served req/s | shed fraction | SLO attainment (all) |"
@@ -520,7 +545,10 @@ def plot(results: dict, path: str) -> None:
   ax2.axhline(b, color="gray", ls="--", label="B training only")
   rh = sorted({p["rho"] for p in pts})
   us = [(_get(pts, "A", r) or {}).get("inference_busy_fraction") or 0 for r in rh]
-  ax2.plot(rh, [b * (1 - u) for u in us], "g:", label="B x (1 - U) (idle cycles)")
+  ax2.plot(rh, [b * (1 - u) for u in us], "g:", label="B x (1 - U)")
+  ud = [(_get(pts, "A", r) or {}).get("device_busy_fraction") for r in rh]
+  if all(u is not None for u in ud):
+    ax2.plot(rh, [b * (1 - u) for u in ud], "g--", label="B x (1 - U_device) (idle cycles)")
   ax2.set_xlabel("load rho (fraction of capacity)")
   ax2.set_ylabel("training samples/s")
   ax2.legend()

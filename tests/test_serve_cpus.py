@@ -1,12 +1,15 @@
 """Splitting a CPU machine into the emulated device and the host (coltrain.cpus)."""
 
 import os
+import threading
+import time
 
 import pytest
 
 from coltrain.config import ConfigError
 from coltrain.serve import Server, validate_serve
-from coltrain.cpus import check_device_cpus, parse_cpu_list, thread_cpus
+from coltrain.cpus import DeviceCpuClock, check_device_cpus, parse_cpu_list, thread_cpus
+from coltrain.serve.metrics import parse_metrics
 from tests.test_serve_server import serve_cfg
 
 
@@ -28,6 +31,43 @@ def test_device_cpus_are_checked_against_this_machine():
   c = serve_cfg(**{"serve.device_cpus": "x"})
   with pytest.raises(ConfigError, match="device_cpus"):
     validate_serve(c)
+
+
+def _burner(cpus, seconds, burnt: threading.Event, release: threading.Event):
+  """A thread pinned to `cpus` that spends `seconds` on CPU, then waits (alive) for
+  `release` (an ended thread no longer counts)."""
+  def run():
+    os.sched_setaffinity(0, cpus)
+    end = time.thread_time() + seconds
+    while time.thread_time() < end:
+      pass
+    burnt.set()
+    release.wait(30)
+  t = threading.Thread(target=run, daemon=True)
+  t.start()
+  return t
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2,
+                    reason="a device/host split needs at least 2 usable cores")
+def test_device_cpu_clock_counts_only_threads_on_the_device_cores():
+  allowed = frozenset(os.sched_getaffinity(0))
+  device = frozenset({max(allowed)})
+  clock = DeviceCpuClock(device)
+  before = clock.seconds()
+  release = threading.Event()
+  on_device, on_host = threading.Event(), threading.Event()
+  threads = [_burner(device, 0.3, on_device, release),
+             _burner(allowed - device, 0.3, on_host, release)]
+  try:
+    assert on_device.wait(30) and on_host.wait(30)
+    spent = clock.seconds() - before
+    # the device burner's 0.3 s, not the host burner's (nor this thread's: all cores)
+    assert 0.29 <= spent < 0.45, spent
+  finally:
+    release.set()
+    for t in threads:
+      t.join(30)
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2,
@@ -53,7 +93,12 @@ def test_server_runs_device_work_and_front_end_on_disjoint_cores(tfds_dir):
     for tid in native:
       assert now[tid] == {device}, tid                      # ... on the device core
     from tests.test_serve_server import call, infer_body
+    m0 = parse_metrics(call(s, "GET", "/metrics")[1])
     assert call(s, "POST", "/v2/models/digits/infer", infer_body())[0] == 200
+    m1 = parse_metrics(call(s, "GET", "/metrics")[1])
+    assert m1["coltrain_device_cpus"] == 1
+    # the device's threads worked (the inference, the scheduler's loop, training)
+    assert m1["coltrain_device_cpu_seconds_total"] > m0["coltrain_device_cpu_seconds_total"]
   finally:
     s.stop()
   after = thread_cpus()

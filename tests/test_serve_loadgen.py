@@ -289,16 +289,18 @@ def test_cpus_pins_the_process():
     os.sched_setaffinity(0, before)
 
 
-def _point(cfg, rho, p99, train, busy=0.2, att=1.0):
+def _point(cfg, rho, p99, train, busy=0.2, att=1.0, device_busy=None):
   return {"config": cfg, "rho": rho, "arrival": "poisson", "slo_attainment": att,
           "latency_ms": {"p99": p99}, "train_samples_per_s": train,
-          "inference_busy_fraction": busy, "shed_fraction": 0.0}
+          "inference_busy_fraction": busy, "device_busy_fraction": device_busy,
+          "shed_fraction": 0.0}
 
 
 def test_benchmark_summary_formulas(tmp_path):
   results = {"B": {"train_samples_per_s": 100.0}, "slo_ms": 10.0,
              "capacity": {"rps": 500.0},
-             "points": [_point("A", 0.5, 4.0, 0.0, busy=0.5), _point("C", 0.5, 8.0, 30.0),
+             "points": [_point("A", 0.5, 4.0, 0.0, busy=0.5, device_busy=0.6),
+                        _point("C", 0.5, 8.0, 30.0),
                         _point("D", 0.5, 5.0, 40.0, att=0.995)],
              "overload": [], "conditions": {"loadavg": []}}
   summary = colocate_bench.summarize(results)
@@ -308,10 +310,13 @@ def test_benchmark_summary_formulas(tmp_path):
   assert d["retention"] == pytest.approx(0.4) and d["U"] == 0.5
   assert d["harvest_efficiency"] == pytest.approx(0.8)
   assert c["harvest_efficiency"] == pytest.approx(0.6) and d["slo_attainment"] == 0.995
+  # against the device cores' idle fraction (1 - 0.6) instead of (1 - U)
+  assert d["U_device"] == 0.6 and d["harvest_efficiency_device"] == pytest.approx(1.0)
   results["summary"] = summary
   colocate_bench.write_table(results, str(tmp_path / "t.md"))
   text = (tmp_path / "t.md").read_text()
-  assert "| poisson | 0.5 | D | 0.9950 | 5.00 | 4.00 | 1.25 | 0.400 | 0.500 | 0.800 |" in text
+  assert ("| poisson | 0.5 | D | 0.9950 | 5.00 | 4.00 | 1.25 | 0.400 | 0.500 | 0.800 | 0.600 |"
+          " 1.000 |") in text
   colocate_bench.plot(results, str(tmp_path / "p.png"))
   assert (tmp_path / "p.png").stat().st_size > 1000
 
@@ -319,3 +324,12 @@ def test_benchmark_summary_formulas(tmp_path):
 def test_malformed_request_set_covers_many_kinds():
   bodies = colocate_bench.malformed_bodies(1000)
   assert len(bodies) == 1000 and len({b for _, b in bodies}) > 100
+
+
+def test_device_busy_fraction_is_device_cpu_time_per_second_and_core():
+  poll = colocate_bench.Poller({})
+  poll.samples = [(t, {"S:coltrain_device_cpu_seconds_total": 0.75 * t,
+                       "S:coltrain_device_cpus": 2.0}) for t in (10.0, 10.2, 10.4, 11.0)]
+  # 0.75 core-seconds per second over 2 cores
+  assert colocate_bench.device_busy(poll, "S", 10.0, 11.0) == pytest.approx(0.375)
+  assert colocate_bench.device_busy(poll, "T", 10.0, 11.0) is None   # no split / no data

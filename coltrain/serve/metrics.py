@@ -11,11 +11,17 @@ Exposed at `/metrics` in the Prometheus text format. Names (all prefixed `coltra
   inference_busy_seconds_total{replica}, train_busy_seconds_total   device time by kind
   train_steps_total, train_samples_total, train_chunks_total, train_failures_total
   model_version, train_loss, slo_seconds   gauges
+  device_cpu_seconds_total, device_cpus    with a device/host split (`serve.device_cpus`):
+                                  on-CPU seconds of the threads on the device cores and
+                                  their number (rate / device_cpus = device busy fraction)
 """
 
 from __future__ import annotations
 
+from typing import Callable
+
 import prometheus_client as prom
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 _LAT = (.0005, .001, .002, .003, .005, .0075, .01, .015, .02, .03, .05, .075, .1, .25, .5,
         1.0, 2.5)
@@ -74,8 +80,25 @@ class ServeMetrics:
       c = self._responses[code] = self.requests.labels(code=str(code))
     c.inc()
 
+  def track_device_cpu(self, seconds: Callable[[], float], cpus: int) -> None:
+    """Exposes `coltrain_device_cpu_seconds_total` (read from `seconds()` at each
+    scrape, e.g. `coltrain.cpus.DeviceCpuClock.seconds`) and `coltrain_device_cpus`."""
+    self.registry.register(_DeviceCpuCollector(seconds, cpus))
+
   def render(self) -> bytes:
     return prom.generate_latest(self.registry)
+
+
+class _DeviceCpuCollector:
+  def __init__(self, seconds: Callable[[], float], cpus: int):
+    self._seconds, self._cpus = seconds, cpus
+
+  def collect(self):
+    yield CounterMetricFamily("coltrain_device_cpu_seconds",
+                              "On-CPU seconds of the threads on the device cores",
+                              value=self._seconds())
+    yield GaugeMetricFamily("coltrain_device_cpus", "Cores reserved for the device",
+                            value=self._cpus)
 
 
 def parse_metrics(text: str) -> dict[str, float]:

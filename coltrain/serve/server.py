@@ -30,7 +30,7 @@ from coltrain.config import ConfigError
 from coltrain.data import open_dataset
 from coltrain.models import get_model
 from coltrain.serve.config import validate_serve
-from coltrain.cpus import CpuPartition
+from coltrain.cpus import CpuPartition, DeviceCpuClock
 from coltrain.serve.bridge import FrontEndProcess
 from coltrain.serve.metrics import ServeMetrics
 from coltrain.serve.model import Predictor, Weights
@@ -104,6 +104,7 @@ class Server:
     self.metrics.model_version.set(weights.version)
     self.cpus = CpuPartition.from_config(s.device_cpus)
     self._cpus_before: dict = {}
+    self._device_cpu_tracked = False
 
   def _set_slo(self, slo_s: float) -> None:
     self.slo_s = slo_s
@@ -150,6 +151,10 @@ class Server:
     s = self.config.serve
     if self.cpus is not None:   # XLA's pools -> device cores, Python's threads -> host
       self._cpus_before = self.cpus.pin_threads()
+      if not self._device_cpu_tracked:
+        self.metrics.track_device_cpu(DeviceCpuClock(self.cpus.device).seconds,
+                                      len(self.cpus.device))
+        self._device_cpu_tracked = True
     for sch in self.schedulers:
       sch.start(on_thread_start=self.cpus.pin_device_thread if self.cpus else None)
     self._http.start(self.cpus)

@@ -234,7 +234,7 @@ def test_router_sheds_requests_that_would_miss_their_deadline():
   with pytest.raises(Shed) as e:
     r.submit(np.zeros((1,) + SHAPE, np.float32))
   assert e.value.reason == "deadline" and e.value.retry_after_s > 0
-  assert "misses the 10.0 ms deadline" in str(e.value)
+  assert "misses the 10.0 ms admitted for the 10.0 ms deadline" in str(e.value)
   # a longer per-request deadline is admitted
   p = r.submit(np.zeros((1,) + SHAPE, np.float32), deadline_ms=30_000)
   assert p in s._queue
@@ -395,6 +395,33 @@ def test_shedding_holds_training_off_longer_the_more_is_shed():
   finally:
     s.stop()
   assert first - shed_at >= 0.4 - 0.02       # no chunk during the hold-off
+
+
+def test_sustained_shedding_keeps_headroom_for_admitted_requests():
+  from coltrain.serve.router import HOLDOFF_FULL_FRACTION
+  s, _ = make_sched(slo=0.1, max_queue=10_000, infer_s=lambda b: 0.03)
+  router = Router([s], ServeMetrics(), slo_s=0.1, margin_s=0.002, overload_headroom=0.3)
+  deadline = clock() + 0.1
+  # nothing shed yet: the whole budget (minus the margin) is admitted
+  assert router.admission_target(deadline, 0.1) == pytest.approx(deadline - 0.002)
+  s._busy_until = clock() + 60.0              # a device that cannot finish anything
+  for _ in range(50):
+    with pytest.raises(Shed):
+      router.submit(np.zeros((1,) + SHAPE, np.float32))
+  assert router.recent_shed_fraction() > HOLDOFF_FULL_FRACTION
+  # overloaded: 30 % of the budget is kept in reserve
+  assert router.admission_target(deadline, 0.1) == pytest.approx(deadline - 0.002 - 0.03)
+  # a batch in progress for 30 ms more, then this one (30 ms, predicted conservatively
+  # as 45 ms: mean + 2 deviations): done at 75 % of the budget, past the 68 % now
+  # admitted ...
+  s._busy_until = clock() + 0.03
+  with pytest.raises(Shed) as e:
+    router.submit(np.zeros((1,) + SHAPE, np.float32))
+  assert "admitted for the 100.0 ms deadline" in str(e.value)
+  # ... and admitted without the headroom
+  router.overload_headroom = 0.0
+  s._busy_until = clock() + 0.03
+  assert router.submit(np.zeros((1,) + SHAPE, np.float32)) in s._queue
 
 
 def test_no_chunk_starts_while_training_input_is_not_ready():

@@ -29,6 +29,10 @@ SERVE_DEFAULTS: dict[str, Any] = {
     "max_queue": 4096,          # queued requests per replica before shedding (hard cap)
     "margin_ms": 1.0,           # safety margin in deadline/slack predictions (HTTP, jitter)
     "shed_holdoff_ms": 250.0,   # training pause after a shed, x min(1, shed fraction / 5%)
+    "overload_headroom": 0.3,   # fraction of the deadline budget admission keeps in
+                                #   reserve under sustained shedding (x min(1, shed
+                                #   fraction / 5%)): overloaded, admitted requests finish
+                                #   with slack for what predictions cannot see
     "replicas": 1,              # scheduler threads, one per (simulated) device
     "train": True,              # co-located training in idle cycles
     "train_replica": 0,         # the replica whose device trains
@@ -98,6 +102,8 @@ def validate_serve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
   need(s["margin_ms"] >= 0, f"'serve.margin_ms' must be >= 0, got {s['margin_ms']}")
   need(s["shed_holdoff_ms"] >= 0,
        f"'serve.shed_holdoff_ms' must be >= 0, got {s['shed_holdoff_ms']}")
+  need(0 <= s["overload_headroom"] < 1,
+       f"'serve.overload_headroom' must be in [0, 1), got {s['overload_headroom']}")
   need(s["replicas"] >= 1, f"'serve.replicas' must be >= 1, got {s['replicas']}")
   need(0 <= s["train_replica"] < max(s["replicas"], 1),
        f"'serve.train_replica' must be in [0, replicas={s['replicas']}), "

@@ -7,13 +7,14 @@ from online timings, including a training chunk in progress) and queues it on th
 replica that finishes it first. Predictions add the measured response delay (how long
 recent results waited for the front end to send them, which the device-side prediction
 cannot see and which grows when the front end is overloaded). If even that replica
-would miss the deadline (minus the safety margin), or every queue is at its cap, the
-request is shed: `Shed` carries the reason and a Retry-After hint, and the HTTP layer
-answers 503 instead of letting the queue grow; and no replica starts a training chunk
-for a while (`_hold_training`: training must not take cycles while inference is
-refused). A request that would start at once on an idle replica is not shed (there
-is no backlog to avoid, and serving it keeps the online timings fresh) unless it
-already spent half its budget before it was submitted (a front-end backlog).
+would miss the deadline (minus the safety margin, and under sustained shedding minus a
+headroom: `admission_target`), or every queue is at its cap, the request is shed:
+`Shed` carries the reason and a Retry-After hint, and the HTTP layer answers 503
+instead of letting the queue grow; and no replica starts a training chunk for a while
+(`_hold_training`: training must not take cycles while inference is refused). A
+request that would start at once on an idle replica is not shed (there is no backlog to
+avoid, and serving it keeps the online timings fresh) unless it already spent half its
+budget before it was submitted (a front-end backlog).
 """
 
 from __future__ import annotations
@@ -47,7 +48,8 @@ class Router:
   """Routes admitted requests to the replica with the least expected completion time."""
 
   def __init__(self, schedulers: Sequence[DeviceScheduler], metrics: ServeMetrics,
-               slo_s: float, margin_s: float, shed_holdoff_s: float = 0.25):
+               slo_s: float, margin_s: float, shed_holdoff_s: float = 0.25,
+               overload_headroom: float = 0.0):
     if not schedulers:
       raise ValueError("a router needs at least one replica")
     self.schedulers = list(schedulers)
@@ -55,6 +57,7 @@ class Router:
     self.slo_s = slo_s
     self.margin_s = margin_s
     self.shed_holdoff_s = shed_holdoff_s
+    self.overload_headroom = overload_headroom
     self._lock = threading.Lock()
     # requests the front end is receiving (not yet submitted); set by the server
     self.incoming_source: Callable[[], int] = lambda: 0
@@ -95,14 +98,29 @@ class Router:
     # here (a front-end backlog): then the prediction is trusted.
     fresh = now - arrival < 0.5 * budget
     best_t += self.response_delay_s(now)
-    if best_t > deadline - self.margin_s and not (fresh and best.idle(now)):
+    target = self.admission_target(deadline, budget)
+    if best_t > target and not (fresh and best.idle(now)):
       self.metrics.shed.labels(reason="deadline").inc()
       self._count(now, shed=True)
       self._hold_training(now)    # inference is being refused: no training for a while
-      late = best_t - (deadline - self.margin_s)
+      late = best_t - target
       raise Shed("deadline", max(late, best_t - now),
                  f"overloaded: predicted completion in {1e3 * (best_t - arrival):.1f} ms "
-                 f"misses the {1e3 * budget:.1f} ms deadline; retry later")
+                 f"misses the {1e3 * (target - arrival):.1f} ms admitted for the "
+                 f"{1e3 * budget:.1f} ms deadline; retry later")
+
+  def admission_target(self, deadline: float, budget: float) -> float:
+    """The latest predicted completion admitted for a request due at `deadline` with a
+    `budget` (seconds): the deadline minus the safety margin, and under sustained
+    shedding minus `overload_headroom` x budget more (scaled like the hold-off: by
+    min(1, recent shed fraction / HOLDOFF_FULL_FRACTION)). Overloaded, admission fills
+    the queue up to its target, so every admitted request finishes near it, and what the
+    prediction cannot see then (a saturated host: socket buffers before the front end
+    reads, its event loop, the client's own reading) carries the tail past the SLO; the
+    headroom keeps that slack for the requests already admitted. A stray shed among
+    many served requests barely moves it."""
+    frac = min(1.0, self.recent_shed_fraction() / HOLDOFF_FULL_FRACTION)
+    return deadline - self.margin_s - self.overload_headroom * budget * frac
 
   def shed_unread(self) -> None:
     """The front end refused a request before reading it (its own backlog): counted

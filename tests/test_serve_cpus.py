@@ -84,7 +84,9 @@ def test_server_runs_device_work_and_front_end_on_disjoint_cores(tfds_dir):
     python = {t.native_id: t.name for t in threading.enumerate()}
     now = thread_cpus()
     assert os.sched_getaffinity(s._http.proc.pid) == host   # the front-end process
-    assert now[s._http._thread.native_id] == {device}       # its bridge: latency path
+    control = {t.name: t for t in s._http._threads}["frontend-control"]
+    assert now[control.native_id] == host                   # its control messages
+    assert s.schedulers[0].poll == s._http.pump              # requests: the device's thread
     assert now[s.trainer._fetcher.native_id] == host        # the training input
     for sch in s.schedulers:                                # the device owners
       assert now[sch._thread.native_id] == {device}

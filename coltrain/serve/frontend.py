@@ -34,8 +34,9 @@ trip to the device process: under overload a refusal must cost far less than ser
 or the backlog grows instead of draining. (Such a refused request is not checked: under
 overload a malformed request may be answered 503 instead of 400.)
 
-  python -m coltrain.serve.frontend --listen_fd N --ipc_fd N --shared_fd N   (internal:
-  started by `FrontEndProcess`; exits when the device process closes the socket pair)
+  python -m coltrain.serve.frontend --listen_fd N --ipc_fd N --data_fd N --shared_fd N
+  (internal: started by `FrontEndProcess`; exits when the device process closes the
+  socket pairs)
 """
 
 from __future__ import annotations
@@ -110,37 +111,54 @@ class _Waiting:
     self.timer: Optional[asyncio.TimerHandle] = None
 
 
-class FrontEnd(asyncio.Protocol):
-  """The request handler (see module docstring) and the device link's protocol."""
+class _Link(asyncio.Protocol):
+  """One socket pair to the device process: frames its messages for the front end."""
+
+  def __init__(self, fe: "FrontEnd"):
+    self.fe = fe
+    self.transport: Optional[asyncio.Transport] = None
+    self._reader = wire.Reader()
+
+  def connection_made(self, transport) -> None:
+    self.transport = transport
+
+  def connection_lost(self, exc) -> None:
+    self.transport = None
+    self.fe.link_lost()
+
+  def data_received(self, data: bytes) -> None:
+    self.fe.backlog.mark()
+    self.fe.messages(self._reader.feed(data))
+
+
+class FrontEnd:
+  """The request handler (see module docstring). Two links to the device process: the
+  data link carries inference requests and their results, the control link everything
+  else (forwarded calls, accounting, the SLO)."""
 
   def __init__(self, loop: asyncio.AbstractEventLoop, shared: Optional[mmap.mmap] = None):
     self.loop = loop
     self.backlog = LoopBacklog(loop)
     self.shared = shared
     self.slo_s = 1.0
-    self.link: Optional[asyncio.Transport] = None
+    self.control = _Link(self)
+    self.data = _Link(self)
     self.info: Optional[dict[str, Any]] = None
     self.hello = loop.create_future()
     self.closed = loop.create_future()
-    self._reader = wire.Reader()
     self._waiting: dict[int, _Waiting] = {}
     self._next_key = 0
     self._outbox: list[bytes] = []   # SENT / COUNT messages, written once per loop pass
 
-  # -- the device link -------------------------------------------------------------------
-  def connection_made(self, transport) -> None:
-    self.link = transport
-
-  def connection_lost(self, exc) -> None:
-    self.link = None
+  # -- the device links ------------------------------------------------------------------
+  def link_lost(self) -> None:
     for key in list(self._waiting):
       self._answer(key, Response.error(504, "the device process is gone"))
     if not self.closed.done():
       self.closed.set_result(None)
 
-  def data_received(self, data: bytes) -> None:
-    self.backlog.mark()
-    for kind, payload in self._reader.feed(data):
+  def messages(self, frames) -> None:
+    for kind, payload in frames:
       if kind == wire.RESULT:
         self._result(*wire.read_result(payload))
       elif kind == wire.REPLY:
@@ -160,14 +178,17 @@ class FrontEnd(asyncio.Protocol):
     self._outbox.append(message)
 
   def _flush_outbox(self) -> None:
-    if self.link is not None and self._outbox:
-      self.link.write(b"".join(self._outbox))
+    link = self.control.transport
+    if link is not None and self._outbox:
+      link.write(b"".join(self._outbox))
     self._outbox.clear()
 
-  def _send(self, message: bytes) -> bool:
-    if self.link is None:
+  def _send(self, message: bytes, link: Optional[_Link] = None) -> bool:
+    """Writes `message` on the control link (or `link`); False if it is gone."""
+    transport = (link or self.control).transport
+    if transport is None:
       return False
-    self.link.write(message)
+    transport.write(message)
     return True
 
   def _wait(self, request_id: Optional[str], arrival: Optional[float],
@@ -268,16 +289,18 @@ class FrontEnd(asyncio.Protocol):
     budget_s = req.deadline_ms / 1e3 if req.deadline_ms else self.slo_s
     key, w = self._wait(req.id, request.received,
                         max(request.received + budget_s - clock(), 0.0) + RESULT_GRACE_S)
-    if not self._send(wire.infer(key, request.received, req.deadline_ms, req.images)):
+    if not self._send(wire.infer(key, request.received, req.deadline_ms, req.images),
+                      self.data):
       self._answer(key, Response.error(503, "the device process is gone"))
     return w.reply
 
 
-async def _serve(listener: socket.socket, link: socket.socket,
+async def _serve(listener: socket.socket, control: socket.socket, data: socket.socket,
                  shared: Optional[mmap.mmap]) -> None:
   loop = asyncio.get_running_loop()
   fe = FrontEnd(loop, shared)
-  await loop.connect_accepted_socket(lambda: fe, link)
+  await loop.connect_accepted_socket(lambda: fe.control, control)
+  await loop.connect_accepted_socket(lambda: fe.data, data)
   await fe.hello
   http = HTTPServer(fe, clock=clock, received_at=fe.arrival, max_body=MAX_BODY_BYTES,
                     keep_alive_s=KEEP_ALIVE_S,
@@ -294,19 +317,21 @@ async def _serve(listener: socket.socket, link: socket.socket,
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description="coltrain's HTTP front-end process (internal)")
   p.add_argument("--listen_fd", type=int, required=True)
-  p.add_argument("--ipc_fd", type=int, required=True)
+  p.add_argument("--ipc_fd", type=int, required=True, help="the control link")
+  p.add_argument("--data_fd", type=int, required=True, help="the data link")
   p.add_argument("--shared_fd", type=int, default=-1)
   a = p.parse_args(argv)
   signal.signal(signal.SIGINT, signal.SIG_IGN)   # the device process decides when to stop
   _die_with_parent()
   listener = socket.socket(fileno=a.listen_fd)
-  link = socket.socket(fileno=a.ipc_fd)
+  control = socket.socket(fileno=a.ipc_fd)
+  data = socket.socket(fileno=a.data_fd)
   shared = mmap.mmap(a.shared_fd, mmap.PAGESIZE) if a.shared_fd >= 0 else None
   try:
     import uvloop
-    uvloop.run(_serve(listener, link, shared))
+    uvloop.run(_serve(listener, control, data, shared))
   except ImportError:
-    asyncio.run(_serve(listener, link, shared))
+    asyncio.run(_serve(listener, control, data, shared))
   return 0
 
 

@@ -16,7 +16,10 @@
    chunk plus the predicted time of the batch that will have formed meanwhile (from the
    measured arrival rate) plus the safety margin must fit in the SLO (and in
    `max_chunk`, if set). Chunk and batch times are measured online (`OnlineTimer`).
-3. Otherwise it sleeps until a request arrives.
+3. Otherwise it sleeps until a request arrives. With one replica behind the HTTP
+   front end this thread also receives the requests (`poll`: the front end's data link,
+   see `coltrain.serve.bridge`): it admits what arrived before every decision, and
+   its waits are waits on that link.
 
 `expected_completion(n, now)` predicts when `n` more images would be done here (current
 work + queued work + their batch), for admission control and least-expected-completion-
@@ -97,6 +100,12 @@ class DeviceScheduler:
     self.train_skips = 0     # idle moments when the chunk did not fit the slack
     self._hold_training_until = 0.0
     self.incoming = lambda: 0  # requests being received/parsed (set by the server)
+    # Set when this thread receives its own requests (one replica: the front end's
+    # data link): `poll(timeout)` waits up to `timeout` s for requests and admits them
+    # from this thread; `wake_poll()` ends such a wait from another thread.
+    self.poll: Optional[Callable[[Optional[float]], None]] = None
+    self.wake_poll: Callable[[], None] = lambda: None
+    self._ident: Optional[int] = None
     self._busy_metric = metrics.inference_busy.labels(replica=str(index))
 
   # -- set-up ----------------------------------------------------------------------------
@@ -135,12 +144,19 @@ class DeviceScheduler:
         p.finish()
       self._queue.clear()
       self._cv.notify_all()
+    self.wake_poll()
     if self._thread is not None:
       self._thread.join(timeout)
 
   @property
   def alive(self) -> bool:
     return self._thread is not None and self._thread.is_alive()
+
+  def wake(self) -> None:
+    """Makes the loop re-check its state now (e.g. training was switched on)."""
+    with self._cv:
+      self._cv.notify_all()
+    self.wake_poll()
 
   def set_weights(self, weights: Weights) -> None:
     """Serves `weights` from the next batch on (never waits for the current one).
@@ -222,6 +238,8 @@ class DeviceScheduler:
       self._rate = self.arrival_rate(now) + p.n / RATE_TAU_S
       self._rate_t = now
       self._cv.notify()
+    if self.poll is not None and threading.get_ident() != self._ident:
+      self.wake_poll()   # submitted by another thread while this one polls
 
   def _batch_wait(self, now: float) -> float:
     """Seconds to wait for a fuller batch (<= 0: run now). Called with the lock held."""
@@ -250,12 +268,29 @@ class DeviceScheduler:
     return batch
 
   # -- the loop --------------------------------------------------------------------------
+  def _wait(self, timeout: float) -> None:
+    """Waits (with `_cv` held once) up to `timeout` s for a request: on the condition,
+    or receiving requests with `poll` (the lock released meanwhile)."""
+    poll = self.poll
+    if poll is None:
+      self._cv.wait(timeout)
+      return
+    self._cv.release()
+    try:
+      poll(timeout)
+    finally:
+      self._cv.acquire()
+
   def _loop(self) -> None:
+    self._ident = threading.get_ident()
     if self._on_thread_start is not None:
       self._on_thread_start()
     while True:
       batch = None
       train = False
+      poll = self.poll
+      if poll is not None:   # admit what arrived during the last device call
+        poll(0.0)
       with self._cv:
         while True:
           if self._stopped:
@@ -267,17 +302,17 @@ class DeviceScheduler:
               batch = self._take_batch()
               self._busy_until = now + self.batch_time(sum(p.n for p in batch))
               break
-            self._cv.wait(wait)
+            self._wait(wait)
             continue
           if self.trainer is not None and self.trainer.active:
             if self.incoming():   # a request is being parsed: it will be queued soon
-              self._cv.wait(0.0005)
+              self._wait(0.0005)
               continue
             if now < self._hold_training_until:   # requests were refused just now
-              self._cv.wait(min(self._hold_training_until - now, 0.01))
+              self._wait(min(self._hold_training_until - now, 0.01))
               continue
             if not self.trainer.input_ready():    # never wait for input on the device
-              self._cv.wait(0.001)
+              self._wait(0.001)
               continue
             if self.chunk_fits(now):
               train = True
@@ -288,9 +323,9 @@ class DeviceScheduler:
             # estimates that decide (chunk and batch times, half-life ~0.7 s: they are
             # not being sampled now) so one slow spell cannot starve training.
             self.timer.relax_all(0.01)
-            self._cv.wait(0.01)
+            self._wait(0.01)
             continue
-          self._cv.wait(0.1)
+          self._wait(0.1)
       try:
         if batch:
           self._run_inference(batch)

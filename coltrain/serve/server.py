@@ -199,8 +199,7 @@ class Server:
     if self.trainer is not None:
       self.trainer.enabled = enabled
       for sch in self.schedulers:
-        with sch._cv:
-          sch._cv.notify_all()
+        sch.wake()
 
   def training_status(self) -> dict[str, Any]:
     t = self.trainer

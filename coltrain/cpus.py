@@ -107,8 +107,9 @@ class DeviceCpuClock:
 
   `seconds()` sums the time on CPU (`/proc/self/task/*/schedstat`, nanoseconds) of every
   current thread whose allowed CPUs lie within `cpus`: with a device/host split, the
-  emulated device's work (XLA's pools, including the parts of a computation XLA runs on
-  the calling thread, the scheduler threads, the front-end bridge). Its rate over a
+  emulated device's work (XLA's pools, the scheduler threads, which also run the parts
+  of a computation XLA executes on the calling thread and receive the requests, and
+  with several replicas the front end's data thread). Its rate over a
   window is how busy the device cores were, the busy fraction of the emulated device.
   A thread found on the device cores stays counted (threads are pinned once, at
   start-up; the others are checked at every call, so a thread that pins itself later is

@@ -118,6 +118,49 @@ def test_batches_are_fifo_whole_requests_and_results_map_back():
     assert p.result["version"] == 0 and p.result["batch_size"] in (6, 3)
 
 
+class FakeLink:
+  """A data link for a scheduler that receives its own requests: `poll` admits what
+  the test put in `inbox`, else waits until woken (ignoring the timeout: a wait that
+  no wake-up ends would stall the test)."""
+
+  def __init__(self, sched):
+    self.sched, self.inbox, self.polls = sched, [], []
+    self.woken = threading.Event()
+
+  def poll(self, timeout):
+    self.polls.append(timeout)
+    if not self.inbox and timeout:
+      self.woken.wait(30)
+    self.woken.clear()
+    while self.inbox:
+      self.sched.submit(self.inbox.pop(0))
+
+  def wake(self):
+    self.woken.set()
+
+
+def test_a_scheduler_that_receives_its_own_requests_admits_them_before_deciding():
+  s, pred = make_sched(max_batch=8)
+  link = FakeLink(s)
+  s.poll, s.wake_poll = link.poll, link.wake
+  s.start()
+  try:
+    wait_for(lambda: len(link.polls) >= 2)      # idle: waiting on its link
+    reqs = [pending(2, value=float(i)) for i in range(3)]
+    link.inbox.extend(reqs)
+    link.wake()                                  # a message arrives
+    for p in reqs:
+      assert p.done.wait(30)
+    # one batch: everything received was admitted before the batch was formed
+    assert pred.sizes == [6]
+    late = pending(1)                            # submitted by another thread:
+    s.submit(late)                               # the link wait is ended at once
+    assert late.done.wait(5)
+  finally:
+    s.stop()
+  assert 0.0 in link.polls                       # drained between device calls
+
+
 def test_inference_runs_before_any_training_chunk_while_requests_wait():
   log = []
   trainer = FakeTrainer(log)

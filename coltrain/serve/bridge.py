@@ -391,4 +391,3 @@ class FrontEndProcess:
       traceback.print_exc()
       r = Response.error(500, f"internal error: {type(e).__name__}: {e}")
     self.send(wire.reply(key, r.code, r.body, r.content_type, r.headers))
-

@@ -30,9 +30,9 @@ SERVE_DEFAULTS: dict[str, Any] = {
     "margin_ms": 1.0,           # safety margin in deadline/slack predictions (HTTP, jitter)
     "shed_holdoff_ms": 250.0,   # training pause after a shed, x min(1, shed fraction / 5%)
     "overload_headroom": 0.3,   # fraction of the deadline budget admission keeps in
-                                #   reserve under sustained shedding (x min(1, shed
-                                #   fraction / 5%)): overloaded, admitted requests finish
-                                #   with slack for what predictions cannot see
+                                #   reserve when overloaded (none under 5% recent sheds,
+                                #   all of it from 25%): admitted requests finish with
+                                #   slack for what predictions cannot see
     "replicas": 1,              # scheduler threads, one per (simulated) device
     "train": True,              # co-located training in idle cycles
     "train_replica": 0,         # the replica whose device trains

@@ -75,7 +75,7 @@ def main(argv):
   signal.signal(signal.SIGINT, on_signal)
   signal.signal(signal.SIGTERM, on_signal)
   # Hand the GIL over every 0.5 ms (default 5 ms): a scheduler thread must not wait
-  # behind the front-end bridge thread (or another scheduler) for whole switch
+  # behind the control or input threads (or another scheduler) for whole switch
   # intervals on the latency path.
   sys.setswitchinterval(0.0005)
   server.start()

@@ -104,7 +104,9 @@ class Server:
     self.metrics.model_version.set(weights.version)
     self.cpus = CpuPartition.from_config(s.device_cpus)
     self._cpus_before: dict = {}
-    self._device_cpu_tracked = False
+    if self.cpus is not None:   # counts the threads once `start()` pinned them there
+      self.metrics.track_device_cpu(DeviceCpuClock(self.cpus.device).seconds,
+                                    len(self.cpus.device))
 
   def _set_slo(self, slo_s: float) -> None:
     self.slo_s = slo_s
@@ -151,10 +153,6 @@ class Server:
     s = self.config.serve
     if self.cpus is not None:   # XLA's pools -> device cores, Python's threads -> host
       self._cpus_before = self.cpus.pin_threads()
-      if not self._device_cpu_tracked:
-        self.metrics.track_device_cpu(DeviceCpuClock(self.cpus.device).seconds,
-                                      len(self.cpus.device))
-        self._device_cpu_tracked = True
     for sch in self.schedulers:
       sch.start(on_thread_start=self.cpus.pin_device_thread if self.cpus else None)
     self._http.start(self.cpus)

@@ -18,8 +18,8 @@ front end's own interpreter.
       response delay and the `request_seconds` histogram, COUNT -> `requests_total`,
       FSHED -> a shed, CALL -> `Control` (answered on the control link);
     * the data link carries INFER -> `Router.submit` (a shed is answered at once) and
-      the RESULTs, which the scheduler thread that finishes a request sends
-      (`on_done`). With one replica the scheduler thread reads the data link itself
+      the RESULTs, which the scheduler thread that finishes a batch sends, all of the
+      batch's in one write (`on_done` buffers them, `results_done` flushes). With one replica the scheduler thread reads the data link itself
       (`pump`, in its idle waits and between device calls): requests are admitted by
       the device's own thread, with no other thread on the device CPUs to wake, switch
       to or share the GIL with; a request that arrives during a batch or a training
@@ -168,6 +168,9 @@ class FrontEndProcess:
     self._threads: list[threading.Thread] = []
     self._send_lock = threading.Lock()
     self._data_lock = threading.Lock()
+    self._outbox: list[bytes] = []          # finished results not yet sent
+    self._outbox_codes: dict[int, int] = {}
+    self._outbox_lock = threading.Lock()
     self._ready = threading.Event()
     self._closing = False
     self.error: Optional[str] = None   # why the front end stopped, if it did
@@ -198,6 +201,8 @@ class FrontEndProcess:
     data_mine.setblocking(False)
     self._data = data_mine
     app = self.app
+    for sch in app.schedulers:   # a batch's results go out in one write
+      sch.results_done = self.flush_results
     self.send(wire.hello({"model_name": app.model_name, "image_shape": list(app.image_shape),
                           "max_batch": app.max_batch, "slo_s": app.slo_s}))
     self._start_thread(self._serve_control, "frontend-control", cpus and cpus.host)
@@ -358,13 +363,26 @@ class FrontEndProcess:
       self._send_data(wire.result_shed(key, e.retry_after_s, str(e)))
 
   def _finished(self, key: int, p: Pending) -> None:
-    """A scheduler thread finished `p`: its result goes to the front end."""
+    """A scheduler thread finished `p`: its result is buffered, and sent with the
+    rest of its batch by `flush_results` (the scheduler's `results_done`)."""
     if p.error is not None:
-      self.app.metrics.count_response(500)
-      self._send_data(wire.result_error(key, 500, p.error))
+      message, code = wire.result_error(key, 500, p.error), 500
     else:
-      self.app.metrics.count_response(200)
-      self._send_data(wire.result_ok(key, p.result, p.finished_at))
+      message, code = wire.result_ok(key, p.result, p.finished_at), 200
+    with self._outbox_lock:
+      self._outbox.append(message)
+      self._outbox_codes[code] = self._outbox_codes.get(code, 0) + 1
+
+  def flush_results(self) -> None:
+    """Sends the buffered results to the front end in one write (and counts them)."""
+    with self._outbox_lock:
+      if not self._outbox:
+        return
+      messages, codes = self._outbox, self._outbox_codes
+      self._outbox, self._outbox_codes = [], {}
+    for code, n in codes.items():
+      self.app.metrics.count_response(code, n)
+    self._send_data(b"".join(messages))
 
   def _sent(self, payload: bytes) -> None:
     delay, latency = wire.read_sent(payload)

@@ -72,13 +72,13 @@ class ServeMetrics:
                                   registry=r)
     self._responses: dict[int, prom.Counter] = {}
 
-  def count_response(self, code: int) -> None:
-    """Counts an inference response with HTTP status `code` (`requests_total`); the
+  def count_response(self, code: int, n: int = 1) -> None:
+    """Counts `n` inference responses with HTTP status `code` (`requests_total`); the
     labelled child is looked up once per code, not per request."""
     c = self._responses.get(code)
     if c is None:
       c = self._responses[code] = self.requests.labels(code=str(code))
-    c.inc()
+    c.inc(n)
 
   def track_device_cpu(self, seconds: Callable[[], float], cpus: int) -> None:
     """Exposes `coltrain_device_cpu_seconds_total` (read from `seconds()` at each

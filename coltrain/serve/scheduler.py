@@ -89,6 +89,7 @@ class DeviceScheduler:
     self.trainer = trainer
     self.max_chunk_s = max_chunk_s
     self.timer = OnlineTimer()
+    self._bucket_cache: Optional[tuple[int, dict[int, float]]] = None
     self._queue: collections.deque[Pending] = collections.deque()
     self._queued_images = 0
     self._cv = threading.Condition()
@@ -105,6 +106,10 @@ class DeviceScheduler:
     # from this thread; `wake_poll()` ends such a wait from another thread.
     self.poll: Optional[Callable[[Optional[float]], None]] = None
     self.wake_poll: Callable[[], None] = lambda: None
+    # Called after this thread finished a group of requests (a batch, a failed batch,
+    # the queue at shutdown): `on_done` callbacks may buffer what they send until then
+    # (the front-end bridge writes a batch's results with one system call).
+    self.results_done: Callable[[], None] = lambda: None
     self._ident: Optional[int] = None
     self._busy_metric = metrics.inference_busy.labels(replica=str(index))
 
@@ -144,6 +149,7 @@ class DeviceScheduler:
         p.finish()
       self._queue.clear()
       self._cv.notify_all()
+    self.results_done()
     self.wake_poll()
     if self._thread is not None:
       self._thread.join(timeout)
@@ -171,23 +177,36 @@ class DeviceScheduler:
     """Predicted device time of bucket b: its own estimate, capped by any smaller
     bucket's estimate scaled linearly (a bigger batch never costs more per image), so
     a rarely used bucket's stale estimate cannot outweigh fresh ones."""
-    best = self.timer.predict(b, math.inf)
-    for small in self.predictor.buckets:
-      if small >= b:
-        break
-      t = self.timer.predict(small)
-      if t is not None:
+    return self._bucket_times()[b]
+
+  def _bucket_times(self) -> dict[int, float]:
+    """`bucket_time` of every bucket, recomputed only when the timer changed (admission
+    asks for every request; the estimates change once per batch)."""
+    version = self.timer.version
+    cached = self._bucket_cache
+    if cached is not None and cached[0] == version:
+      return cached[1]
+    table, smaller = {}, []
+    for b in self.predictor.buckets:
+      best = self.timer.predict(b, math.inf)
+      for small, t in smaller:
         best = min(best, t * b / small)
-    return 0.0 if best == math.inf else best
+      own = self.timer.predict(b)
+      if own is not None:
+        smaller.append((b, own))
+      table[b] = 0.0 if best == math.inf else best
+    self._bucket_cache = (version, table)
+    return table
 
   def batch_time(self, n: int) -> float:
     """Predicted device time of a batch of n images (n > max_batch: several batches)."""
     if n <= 0:
       return 0.0
+    table = self._bucket_times()
     full, rem = divmod(n, self.max_batch)
-    t = full * self.bucket_time(self.max_batch)
+    t = full * table[self.max_batch]
     if rem:
-      t += self.bucket_time(bucket_for(rem, self.max_batch))
+      t += table[bucket_for(rem, self.max_batch)]
     return t
 
   def arrival_rate(self, now: float) -> float:
@@ -336,6 +355,8 @@ class DeviceScheduler:
           if not p.done.is_set():
             p.error = f"inference failed: {type(e).__name__}: {e}"
             p.finish()
+        if batch:
+          self.results_done()
         if train and self.trainer is not None and self.trainer.failure is None:
           self.trainer.failure = f"training chunk raised {type(e).__name__}: {e}"
           self.metrics.train_failures.inc()
@@ -370,6 +391,7 @@ class DeviceScheduler:
                   "replica": self.index, "batch_size": n}
       i += p.n
       p.finish()
+    self.results_done()
 
   def _run_chunk(self) -> None:
     tr = self.trainer

@@ -4,7 +4,8 @@
 mean and mean absolute deviation of measured durations; `predict(key)` is the
 conservative estimate mean + `k_dev` x deviation used for deadline and slack decisions. A sample is clipped
 to mean + `cap_devs` x max(deviation, 10% of mean) before it is averaged in.
-Thread-safe for one writer and many readers (each update replaces a tuple).
+Thread-safe for one writer and many readers (each update replaces a tuple). `version`
+counts the changes, so readers can cache what they derive from the estimates.
 
 `clock()` is the serving code's time base (seconds, CLOCK_MONOTONIC on Linux: the same
 in the device and the front-end processes of one host).
@@ -29,12 +30,14 @@ class OnlineTimer:
     self.cap_devs = cap_devs
     self._stats: dict[Hashable, tuple[float, float, int]] = {}
     self._floor: dict[Hashable, float] = {}
+    self.version = 0   # incremented by every change of an estimate
 
   def update(self, key: Hashable, seconds: float) -> None:
     """Records one measured duration of `key`."""
     if seconds < 0:
       raise ValueError(f"a duration must be >= 0, got {seconds}")
     self._floor[key] = min(seconds, self._floor.get(key, seconds))
+    self.version += 1
     old = self._stats.get(key)
     if old is None:
       self._stats[key] = (seconds, seconds / 4, 1)  # unknown spread: assume 25%
@@ -58,6 +61,7 @@ class OnlineTimer:
       return
     mean, dev, n = s
     floor = self._floor[key]
+    self.version += 1
     self._stats[key] = (mean - fraction * (mean - floor), dev * (1 - fraction), n)
 
   def relax_all(self, fraction: float) -> None:

@@ -60,6 +60,9 @@ MAX_BODY_BYTES = 16 << 20
 FRONT_SHED_FRACTION = 0.5  # refuse unparsed when the backlog took this much of the SLO
 RESULT_GRACE_S = 60.0     # 504 if a request's result is this late past its deadline
 KEEP_ALIVE_S = 60.0       # idle keep-alive connections are closed after this
+OUTBOX_DELAY_S = 0.002    # accounting messages (SENT, COUNT, FSHED) are written this
+                          # long after the first one queued: one write per ~2 ms instead
+                          # of one per loop pass (each wakes the device's control thread)
 
 
 class LoopBacklog:
@@ -148,7 +151,7 @@ class FrontEnd:
     self.closed = loop.create_future()
     self._waiting: dict[int, _Waiting] = {}
     self._next_key = 0
-    self._outbox: list[bytes] = []   # SENT / COUNT messages, written once per loop pass
+    self._outbox: list[bytes] = []   # SENT / COUNT / FSHED messages (see OUTBOX_DELAY_S)
 
   # -- the device links ------------------------------------------------------------------
   def link_lost(self) -> None:
@@ -173,8 +176,10 @@ class FrontEnd:
         self.hello.set_result(self.info)
 
   def _post_later(self, message: bytes) -> None:
+    """Queues an accounting message for the control link (written within
+    OUTBOX_DELAY_S, or before the next message sent there, whichever is first)."""
     if not self._outbox:
-      self.loop.call_soon(self._flush_outbox)
+      self.loop.call_later(OUTBOX_DELAY_S, self._flush_outbox)
     self._outbox.append(message)
 
   def _flush_outbox(self) -> None:
@@ -184,10 +189,15 @@ class FrontEnd:
     self._outbox.clear()
 
   def _send(self, message: bytes, link: Optional[_Link] = None) -> bool:
-    """Writes `message` on the control link (or `link`); False if it is gone."""
-    transport = (link or self.control).transport
+    """Writes `message` on the control link (or `link`); False if it is gone. On the
+    control link the queued accounting goes first, so a forwarded call (e.g. /metrics)
+    is answered after every response sent before it was counted."""
+    link = link or self.control
+    transport = link.transport
     if transport is None:
       return False
+    if link is self.control and self._outbox:
+      self._flush_outbox()
     transport.write(message)
     return True
 

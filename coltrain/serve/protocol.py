@@ -117,13 +117,13 @@ def _parse_tensor(t: Any, image_shape: tuple[int, ...], max_images: int) -> np.n
   except (ValueError, TypeError, OverflowError, RecursionError):
     raise ProtocolError("'inputs[0].data' must hold only numbers (flat or nested "
                         "consistently with 'shape')") from None
-  size = int(np.prod(shape))
+  size = math.prod(shape)
   if arr.ndim != 1 and arr.shape != tuple(shape):
     raise ProtocolError(f"'inputs[0].data' is nested as {list(arr.shape)}; send it flat "
                         f"(row-major) or nested exactly as shape {shape}")
   if arr.size != size:
     raise ProtocolError(f"'inputs[0].data' has {arr.size} values; shape {shape} needs {size}")
-  if not np.all(np.isfinite(arr)):
+  if not np.isfinite(arr).all():
     raise ProtocolError("'inputs[0].data' holds a non-finite value (NaN or Infinity)")
   if dtype != "FP32" and dtype != "FP64":
     info = np.iinfo(DATATYPES[dtype])

@@ -29,7 +29,6 @@ time routing (`Router`). Weights are swapped by reference (`set_weights`), never
 from __future__ import annotations
 
 import collections
-import dataclasses
 import math
 import threading
 import time
@@ -45,27 +44,49 @@ from coltrain.serve.trainer import ChunkTrainer
 RATE_TAU_S = 1.0   # time constant of the arrival-rate estimate
 
 
-@dataclasses.dataclass(eq=False)
+_DONE_LOCK = threading.Lock()   # orders `Pending.finish` and a first `Pending.done`
+
+
 class Pending:
-  """A request admitted to a replica. Once `result` or `error` is set the scheduler
-  calls `finish()`: `done` is set and `on_done(pending)` (if any; e.g. sending the
-  result to the front end) is called from the scheduler thread."""
-  images: np.ndarray
-  arrival: float
-  deadline: float
-  on_done: Optional[Callable[["Pending"], None]] = None
-  finished_at: Optional[float] = None   # clock() when `finish()` ran
-  done: threading.Event = dataclasses.field(default_factory=threading.Event)
-  result: Optional[dict] = None
-  error: Optional[str] = None
+  """A request admitted to a replica: `images` (n, H, W, C) float32, `arrival` and
+  `deadline` (`clock()` seconds). Once `result` or `error` is set the scheduler calls
+  `finish()`: `done` is set and `on_done(pending)` (if any; e.g. sending the result to
+  the front end) is called from the scheduler thread. (`done`, a `threading.Event`, is
+  made on first use: most requests are answered through `on_done` alone.)"""
+
+  __slots__ = ("images", "n", "arrival", "deadline", "on_done", "finished_at", "result",
+               "error", "_event", "_finished")
+
+  def __init__(self, images: np.ndarray, arrival: float, deadline: float,
+               on_done: Optional[Callable[["Pending"], None]] = None):
+    self.images = images
+    self.n = int(images.shape[0])
+    self.arrival = arrival
+    self.deadline = deadline
+    self.on_done = on_done
+    self.finished_at: Optional[float] = None   # clock() when `finish()` ran
+    self.result: Optional[dict] = None
+    self.error: Optional[str] = None
+    self._event: Optional[threading.Event] = None
+    self._finished = False
 
   @property
-  def n(self) -> int:
-    return int(self.images.shape[0])
+  def done(self) -> threading.Event:
+    """Set once the request is finished."""
+    with _DONE_LOCK:
+      if self._event is None:
+        self._event = threading.Event()
+        if self._finished:
+          self._event.set()
+      return self._event
 
   def finish(self) -> None:
     self.finished_at = clock()
-    self.done.set()
+    with _DONE_LOCK:
+      self._finished = True
+      event = self._event
+    if event is not None:
+      event.set()
     if self.on_done is not None:
       self.on_done(self)
 
@@ -256,8 +277,10 @@ class DeviceScheduler:
       now = clock()
       self._rate = self.arrival_rate(now) + p.n / RATE_TAU_S
       self._rate_t = now
+      if threading.get_ident() == self._ident:   # this thread admits it: not waiting
+        return
       self._cv.notify()
-    if self.poll is not None and threading.get_ident() != self._ident:
+    if self.poll is not None:
       self.wake_poll()   # submitted by another thread while this one polls
 
   def _batch_wait(self, now: float) -> float:
@@ -352,7 +375,7 @@ class DeviceScheduler:
           self._run_chunk()
       except Exception as e:  # never let one bad batch kill the device loop
         for p in batch or ():
-          if not p.done.is_set():
+          if p.finished_at is None:
             p.error = f"inference failed: {type(e).__name__}: {e}"
             p.finish()
         if batch:

@@ -152,6 +152,7 @@ class FrontEnd:
     self._waiting: dict[int, _Waiting] = {}
     self._next_key = 0
     self._outbox: list[bytes] = []   # SENT / COUNT / FSHED messages (see OUTBOX_DELAY_S)
+    self._requests: list[bytes] = []  # INFER messages, written at the end of the loop pass
 
   # -- the device links ------------------------------------------------------------------
   def link_lost(self) -> None:
@@ -187,6 +188,27 @@ class FrontEnd:
     if link is not None and self._outbox:
       link.write(b"".join(self._outbox))
     self._outbox.clear()
+
+  def _send_request(self, message: bytes) -> bool:
+    """Queues an INFER message on the data link; the requests parsed in one pass of
+    the event loop are written together once its callbacks are done (one write, one
+    wake-up of the device's thread, which then admits them all before it decides).
+    A queued request stays counted as incoming until it is written, so the device
+    starts no training chunk meanwhile. False if the link is gone."""
+    if self.data.transport is None:
+      return False
+    if not self._requests:
+      self.loop.call_soon(self._flush_requests)
+    self._requests.append(message)
+    self.receiving(+1)
+    return True
+
+  def _flush_requests(self) -> None:
+    transport = self.data.transport
+    if transport is not None and self._requests:
+      transport.write(b"".join(self._requests))
+    self.receiving(-len(self._requests))
+    self._requests.clear()
 
   def _send(self, message: bytes, link: Optional[_Link] = None) -> bool:
     """Writes `message` on the control link (or `link`); False if it is gone. On the
@@ -299,8 +321,8 @@ class FrontEnd:
     budget_s = req.deadline_ms / 1e3 if req.deadline_ms else self.slo_s
     key, w = self._wait(req.id, request.received,
                         max(request.received + budget_s - clock(), 0.0) + RESULT_GRACE_S)
-    if not self._send(wire.infer(key, request.received, req.deadline_ms, req.images),
-                      self.data):
+    if not self._send_request(wire.infer(key, request.received, req.deadline_ms,
+                                         req.images)):
       self._answer(key, Response.error(503, "the device process is gone"))
     return w.reply
 

@@ -495,3 +495,40 @@ def test_no_chunk_starts_while_training_input_is_not_ready():
     assert tr.calls > 0
   finally:
     s.stop()
+
+
+def test_bucket_predictions_follow_every_timer_change():
+  # The bucket-time table is cached per timer change; a new sample or a relaxation
+  # must show in the next prediction, and the linear cap from smaller buckets holds.
+  s, _ = make_sched(max_batch=2, infer_s=lambda b: 0.001 * b)
+  t1, t2 = s.bucket_time(1), s.bucket_time(2)
+  assert t1 == pytest.approx(0.0015) and t2 == pytest.approx(0.003)
+  assert s.batch_time(5) == pytest.approx(2 * t2 + t1)   # two full batches and one image
+  for _ in range(30):
+    s.timer.update(2, 0.050)          # bucket 2 got slow: capped by 2 x bucket 1
+  assert s.timer.predict(2) > 0.05 and s.bucket_time(2) == pytest.approx(2 * t1)
+  for _ in range(30):
+    s.timer.update(1, 0.010)          # bucket 1 slower too: the cap moves with it
+  slow1 = s.bucket_time(1)
+  assert slow1 > 0.010 and s.bucket_time(2) == pytest.approx(2 * slow1)
+  assert s.batch_time(3) == pytest.approx(3 * slow1)
+  v = s.timer.version
+  s.timer.relax_all(0.5)              # relaxing changes the version: seen at once
+  assert s.timer.version > v and s.bucket_time(1) < slow1
+  assert s.bucket_time(2) == pytest.approx(2 * s.bucket_time(1))
+
+
+def test_pending_done_is_set_whether_made_before_or_after_finish():
+  calls = []
+  early = pending(1)
+  event = early.done                  # waited on before the request finished
+  assert not event.is_set()
+  late = Pending(images=np.zeros((2,) + SHAPE, np.float32), arrival=0.0, deadline=1.0,
+                 on_done=calls.append)
+  assert late.n == 2
+  for p in (early, late):
+    p.result = {"ok": True}
+    p.finish()
+  assert event.is_set() and early.done is event
+  assert late.done.is_set() and late.done.wait(0) and late.finished_at is not None
+  assert calls == [late]

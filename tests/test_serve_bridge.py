@@ -1,0 +1,105 @@
+"""The two processes' message batching, without a model: the device side writes a
+batch's results in one write; the front end writes the requests of one event-loop pass
+in one write (holding them as incoming until then) and its accounting messages go out
+before any forwarded call."""
+
+import asyncio
+import mmap
+import os
+import socket
+import types
+
+import numpy as np
+
+from coltrain.serve import wire
+from coltrain.serve.bridge import FrontEndProcess
+from coltrain.serve.frontend import OUTBOX_DELAY_S, FrontEnd
+from coltrain.serve.metrics import ServeMetrics, parse_metrics
+from coltrain.serve.scheduler import Pending
+
+
+def test_results_are_buffered_until_the_batch_is_done_then_sent_in_one_write():
+  app = types.SimpleNamespace(router=types.SimpleNamespace(), metrics=ServeMetrics(),
+                              schedulers=[])
+  fe = FrontEndProcess(app, "127.0.0.1", 0)
+  mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+  fe._data = mine
+  theirs.setblocking(False)
+  try:
+    for key in (7, 8):
+      p = Pending(images=np.zeros((1, 2, 2, 1), np.float32), arrival=0.0, deadline=1.0,
+                  on_done=lambda p, key=key: fe._finished(key, p))
+      p.result = {"logits": np.full((1, 3), key, np.float32), "version": 4, "queue_ms": 0.5,
+                  "compute_ms": 0.25, "replica": 0, "batch_size": 2}
+      p.finish()
+    failed = Pending(images=np.zeros((1, 2, 2, 1), np.float32), arrival=0.0, deadline=1.0,
+                     on_done=lambda p: fe._finished(9, p))
+    failed.error = "inference failed: boom"
+    failed.finish()
+    try:                                     # nothing is written before the flush
+      theirs.recv(1 << 16)
+      raise AssertionError("a result was written before results_done")
+    except BlockingIOError:
+      pass
+    fe.flush_results()
+    frames = wire.Reader().feed(theirs.recv(1 << 16))
+    results = [wire.read_result(payload) for kind, payload in frames]
+    assert [kind for kind, _ in frames] == [wire.RESULT] * 3
+    assert [(key, code) for key, code, _ in results] == [(7, 200), (8, 200), (9, 500)]
+    np.testing.assert_array_equal(results[1][2]["logits"], np.full((1, 3), 8, np.float32))
+    assert results[2][2] == "inference failed: boom"
+    m = parse_metrics(app.metrics.render().decode())
+    assert m['coltrain_requests_total{code="200"}'] == 2
+    assert m['coltrain_requests_total{code="500"}'] == 1
+    fe.flush_results()                       # an empty flush writes nothing
+    try:
+      theirs.recv(1 << 16)
+      raise AssertionError("an empty flush wrote something")
+    except BlockingIOError:
+      pass
+  finally:
+    mine.close()
+    theirs.close()
+    fe.listener.close()
+
+
+class _Transport:
+  def __init__(self):
+    self.writes = []
+
+  def write(self, data):
+    self.writes.append(bytes(data))
+
+
+def test_front_end_writes_a_loop_pass_of_requests_at_once_and_accounting_first():
+  async def main():
+    loop = asyncio.get_running_loop()
+    fd = os.memfd_create("test-incoming", 0)
+    os.ftruncate(fd, mmap.PAGESIZE)
+    page = mmap.mmap(fd, mmap.PAGESIZE)
+    fe = FrontEnd(loop, page)
+    fe.data.transport, fe.control.transport = _Transport(), _Transport()
+    images = np.ones((1, 2, 2, 1), np.float32)
+    assert fe._send_request(wire.infer(1, 0.5, None, images))
+    assert fe._send_request(wire.infer(2, 0.6, 20.0, images))
+    # queued, not written, and counted as incoming so the device starts no chunk
+    assert fe.data.transport.writes == [] and wire.read_incoming(page) == 2
+    await asyncio.sleep(0)                   # the loop pass ends
+    assert len(fe.data.transport.writes) == 1 and wire.read_incoming(page) == 0
+    frames = wire.Reader().feed(fe.data.transport.writes[0])
+    got = [wire.read_infer(p, (2, 2, 1))[:3] for _, p in frames]
+    assert got == [(1, 0.5, None), (2, 0.6, 20.0)]
+
+    fe._post_later(wire.sent(0.001, 0.002))  # accounting waits up to OUTBOX_DELAY_S ...
+    assert fe.control.transport.writes == []
+    assert fe._send(wire.call(5, "GET", "/metrics", None))   # ... but precedes a call
+    first, second = fe.control.transport.writes
+    assert wire.Reader().feed(first)[0][0] == wire.SENT
+    assert wire.Reader().feed(second)[0][0] == wire.CALL
+    fe._post_later(wire.count(400))
+    await asyncio.sleep(OUTBOX_DELAY_S * 3)  # and goes out by itself after the delay
+    assert wire.Reader().feed(fe.control.transport.writes[2])[0][0] == wire.COUNT
+    page.close()
+    os.close(fd)
+
+  asyncio.run(main())

@@ -377,6 +377,24 @@ def test_batching_waits_only_when_more_requests_are_likely_and_training_is_off()
   assert _batch_wait_after(s, 100) <= 0   # training active: never idle-wait
 
 
+def test_predicted_completion_counts_a_batching_wait_only_when_the_scheduler_waits():
+  delay, t1 = 0.05, 0.001
+  for trainer, waits in ((None, True), (FakeTrainer([]), False)):
+    s, _ = make_sched(delay=delay, max_batch=1024, trainer=trainer, infer_s=lambda b: t1)
+    _batch_wait_after(s, 100)           # high arrival rate: batching would pay
+    now = clock()
+    oldest = s._queue[0].arrival
+    done = s.expected_completion(1, now)
+    batch = s.batch_time(101)
+    if waits:   # training off: the batch runs once the oldest request waited the delay
+      assert done == pytest.approx(oldest + delay + batch, abs=1e-3)
+    else:       # training active: no batching wait, the batch runs as soon as it can
+      assert done == pytest.approx(now + batch, abs=1e-4)
+  s, _ = make_sched(delay=delay, infer_s=lambda b: t1)   # low rate: no wait either
+  now = clock()
+  assert s.expected_completion(1, now) == pytest.approx(now + s.bucket_time(1), abs=1e-4)
+
+
 def test_admission_adds_the_measured_response_delay_to_predictions():
   s, _ = make_sched(slo=0.05, infer_s=lambda b: 0.001)
   s._busy_until = clock() + 0.010            # busy for 10 ms: not idle

@@ -235,12 +235,18 @@ class DeviceScheduler:
     return self._rate * math.exp(-(now - self._rate_t) / RATE_TAU_S)
 
   def expected_completion(self, n: int, now: float) -> float:
-    """When n more images submitted now would be done (predicted)."""
+    """When n more images submitted now would be done (predicted): when the device is
+    free (current work, a training chunk included), or, if the batch would not be full
+    and this scheduler waits for fuller batches now (`_waits_for_batches`), when the
+    oldest queued request (else this one) has waited `max_queue_delay`, whichever is
+    later; plus the queued images' and these n's batch time."""
     with self._cv:
       queued = self._queued_images
       start = max(now, self._busy_until)
-      wait = self.max_queue_delay_s if queued + n < self.max_batch else 0.0
-    return start + wait + self.batch_time(queued + n)
+      if queued + n < self.max_batch and self._waits_for_batches(now):
+        oldest = self._queue[0].arrival if self._queue else now
+        start = max(start, oldest + self.max_queue_delay_s)
+    return start + self.batch_time(queued + n)
 
   def idle(self, now: float) -> bool:
     """Nothing queued and no work predicted in progress: a request starts at once.
@@ -283,17 +289,20 @@ class DeviceScheduler:
     if self.poll is not None:
       self.wake_poll()   # submitted by another thread while this one polls
 
+  def _waits_for_batches(self, now: float) -> bool:
+    """Whether a batch that is not full waits for more requests now. Waiting pays only
+    if another request is likely to arrive within the delay (at low load a lone request
+    runs at once instead of idling for `max_queue_delay`), and only with training off:
+    with training active the device is never left idle, so there is nothing to gain by
+    holding a request back (requests that arrive during a chunk batch up by
+    themselves). Called with the lock held."""
+    if self.arrival_rate(now) * self.max_queue_delay_s < 1.0:
+      return False
+    return self.trainer is None or not self.trainer.active
+
   def _batch_wait(self, now: float) -> float:
     """Seconds to wait for a fuller batch (<= 0: run now). Called with the lock held."""
-    if self._queued_images >= self.max_batch:
-      return 0.0
-    # Waiting pays only if another request is likely to arrive within the delay: at low
-    # load a lone request runs at once instead of idling for `max_queue_delay`.
-    if self.arrival_rate(now) * self.max_queue_delay_s < 1.0:
-      return 0.0
-    # With training active the device is never left idle, so there is nothing to gain by
-    # holding a request back: requests that arrive during a chunk batch up by themselves.
-    if self.trainer is not None and self.trainer.active:
+    if self._queued_images >= self.max_batch or not self._waits_for_batches(now):
       return 0.0
     oldest = self._queue[0]
     earliest = min(p.deadline for p in self._queue)

@@ -18,8 +18,9 @@ front end's own interpreter.
       response delay and the `request_seconds` histogram, COUNT -> `requests_total`,
       FSHED -> a shed, CALL -> `Control` (answered on the control link);
     * the data link carries INFER -> `Router.submit` (a shed is answered at once) and
-      the RESULTs, which the scheduler thread that finishes a batch sends, all of the
-      batch's in one write (`on_done` buffers them, `results_done` flushes). With one replica the scheduler thread reads the data link itself
+      the RESULTs, which the scheduler thread that finishes a batch sends, the whole
+      batch's in one write (`on_done` buffers them, the scheduler's `results_done`
+      flushes). With one replica the scheduler thread reads the data link itself
       (`pump`, in its idle waits and between device calls): requests are admitted by
       the device's own thread, with no other thread on the device CPUs to wake, switch
       to or share the GIL with; a request that arrives during a batch or a training

@@ -61,6 +61,9 @@ def test_results_are_buffered_until_the_batch_is_done_then_sent_in_one_write():
     mine.close()
     theirs.close()
     fe.listener.close()
+    fe._shared.close()
+    for fd in (fe._memfd, fe._wake_r, fe._wake_w):
+      os.close(fd)
 
 
 class _Transport:

@@ -134,6 +134,38 @@ class _Link(asyncio.Protocol):
     self.fe.messages(self._reader.feed(data))
 
 
+class _WriteBuffer:
+  """Messages for one link, written together by `flush()`: scheduled `delay_s` after
+  the first queued message, or at the end of the event-loop pass when `delay_s` is 0.
+  `on_flushed(n)` is called after each flush of n messages (written, or dropped if the
+  link is gone)."""
+
+  def __init__(self, loop: asyncio.AbstractEventLoop, link: _Link, delay_s: float,
+               on_flushed=None):
+    self.loop, self.link, self.delay_s = loop, link, delay_s
+    self.on_flushed = on_flushed
+    self._messages: list[bytes] = []
+
+  def add(self, message: bytes) -> None:
+    if not self._messages:
+      if self.delay_s > 0:
+        self.loop.call_later(self.delay_s, self.flush)
+      else:
+        self.loop.call_soon(self.flush)
+    self._messages.append(message)
+
+  def flush(self) -> None:
+    messages = self._messages
+    if not messages:
+      return
+    transport = self.link.transport
+    if transport is not None:
+      transport.write(b"".join(messages))
+    self._messages = []
+    if self.on_flushed is not None:
+      self.on_flushed(len(messages))
+
+
 class FrontEnd:
   """The request handler (see module docstring). Two links to the device process: the
   data link carries inference requests and their results, the control link everything
@@ -151,8 +183,11 @@ class FrontEnd:
     self.closed = loop.create_future()
     self._waiting: dict[int, _Waiting] = {}
     self._next_key = 0
-    self._outbox: list[bytes] = []   # SENT / COUNT / FSHED messages (see OUTBOX_DELAY_S)
-    self._requests: list[bytes] = []  # INFER messages, written at the end of the loop pass
+    # accounting (SENT / COUNT / FSHED) on the control link, every OUTBOX_DELAY_S; the
+    # requests (INFER) on the data link, at the end of each event-loop pass
+    self._accounting = _WriteBuffer(loop, self.control, OUTBOX_DELAY_S)
+    self._requests = _WriteBuffer(loop, self.data, 0.0,
+                                  on_flushed=lambda n: self.receiving(-n))
 
   # -- the device links ------------------------------------------------------------------
   def link_lost(self) -> None:
@@ -179,15 +214,7 @@ class FrontEnd:
   def _post_later(self, message: bytes) -> None:
     """Queues an accounting message for the control link (written within
     OUTBOX_DELAY_S, or before the next message sent there, whichever is first)."""
-    if not self._outbox:
-      self.loop.call_later(OUTBOX_DELAY_S, self._flush_outbox)
-    self._outbox.append(message)
-
-  def _flush_outbox(self) -> None:
-    link = self.control.transport
-    if link is not None and self._outbox:
-      link.write(b"".join(self._outbox))
-    self._outbox.clear()
+    self._accounting.add(message)
 
   def _send_request(self, message: bytes) -> bool:
     """Queues an INFER message on the data link; the requests parsed in one pass of
@@ -197,18 +224,9 @@ class FrontEnd:
     starts no training chunk meanwhile. False if the link is gone."""
     if self.data.transport is None:
       return False
-    if not self._requests:
-      self.loop.call_soon(self._flush_requests)
-    self._requests.append(message)
+    self._requests.add(message)
     self.receiving(+1)
     return True
-
-  def _flush_requests(self) -> None:
-    transport = self.data.transport
-    if transport is not None and self._requests:
-      transport.write(b"".join(self._requests))
-    self.receiving(-len(self._requests))
-    self._requests.clear()
 
   def _send(self, message: bytes, link: Optional[_Link] = None) -> bool:
     """Writes `message` on the control link (or `link`); False if it is gone. On the
@@ -218,8 +236,8 @@ class FrontEnd:
     transport = link.transport
     if transport is None:
       return False
-    if link is self.control and self._outbox:
-      self._flush_outbox()
+    if link is self.control:
+      self._accounting.flush()
     transport.write(message)
     return True
 

@@ -55,7 +55,7 @@ class Pending:
   made on first use: most requests are answered through `on_done` alone.)"""
 
   __slots__ = ("images", "n", "arrival", "deadline", "on_done", "finished_at", "result",
-               "error", "_event", "_finished")
+               "error", "_event")
 
   def __init__(self, images: np.ndarray, arrival: float, deadline: float,
                on_done: Optional[Callable[["Pending"], None]] = None):
@@ -68,7 +68,6 @@ class Pending:
     self.result: Optional[dict] = None
     self.error: Optional[str] = None
     self._event: Optional[threading.Event] = None
-    self._finished = False
 
   @property
   def done(self) -> threading.Event:
@@ -76,14 +75,13 @@ class Pending:
     with _DONE_LOCK:
       if self._event is None:
         self._event = threading.Event()
-        if self._finished:
+        if self.finished_at is not None:
           self._event.set()
       return self._event
 
   def finish(self) -> None:
-    self.finished_at = clock()
-    with _DONE_LOCK:
-      self._finished = True
+    with _DONE_LOCK:   # a `done` made from now on is set at once
+      self.finished_at = clock()
       event = self._event
     if event is not None:
       event.set()

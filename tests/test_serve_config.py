@@ -25,6 +25,18 @@ def test_default_serving_config_is_valid_and_complete():
   assert c.model == "lenet" and c.dataset == "mnist5k"
 
 
+def test_serving_an_experiment_config_keeps_its_training_part():
+  from configs.default import get_config as experiment
+  from configs.serve import get_config
+  c = get_config("default")
+  assert c.serve.to_dict() == SERVE_DEFAULTS
+  del c.serve
+  assert c.to_dict() == experiment().to_dict()   # what launch.train ran: init_from fits
+  assert get_config().optimizer.schedule == "constant"   # the long-running default
+  with pytest.raises(ValueError, match="no experiment config configs/nosuch.py"):
+    get_config("nosuch")
+
+
 def test_missing_serve_keys_take_defaults():
   from configs.default import get_config
   c = validate_serve(get_config())

@@ -34,6 +34,9 @@ SERVE_DEFAULTS: dict[str, Any] = {
                                 #   all of it from 25%): admitted requests finish with
                                 #   slack for what predictions cannot see
     "replicas": 1,              # scheduler threads, one per (simulated) device
+    "init_from": "",            # a launch.train workdir (or its checkpoints/): serve and
+                                #   keep training its latest checkpoint (weights,
+                                #   optimizer, step, data position); "" = fresh from `seed`
     "train": True,              # co-located training in idle cycles
     "train_replica": 0,         # the replica whose device trains
     "micro_batch_size": 1,      # training micro-batch; batch_size / it micro-batches

@@ -32,6 +32,7 @@ from coltrain.models import get_model
 from coltrain.serve.config import validate_serve
 from coltrain.cpus import CpuPartition, DeviceCpuClock
 from coltrain.serve.bridge import FrontEndProcess
+from coltrain.serve.init_from import restore_train_state
 from coltrain.serve.metrics import ServeMetrics
 from coltrain.serve.model import Predictor, Weights
 from coltrain.serve.router import Router
@@ -71,17 +72,28 @@ class Server:
     self.metrics = ServeMetrics()
     self._router: Optional[Router] = None
 
+    initial = None
+    if s.init_from:   # a launch.train run's latest checkpoint
+      tx, _ = make_optimizer(config.optimizer, config.steps)
+      initial = restore_train_state(s.init_from, model, tx, config.seed, self.image_shape,
+                                    numerics)
+      self.log(f"starting from {s.init_from}: optimizer step {int(initial.step)}")
     self.trainer: Optional[ChunkTrainer] = None
     if s.train:
       self.trainer = ChunkTrainer(config, model, spec, sources["train"], numerics,
-                                  devices[s.train_replica], publish=self._publish)
+                                  devices[s.train_replica], publish=self._publish,
+                                  initial=initial)
       weights = self.trainer.weights()
     else:
-      tx, _ = make_optimizer(config.optimizer, config.steps)
-      st = create_train_state(model, tx, config.seed, (1,) + self.image_shape)
-      if numerics is not None:
-        st = st.replace(params=numerics.store(st.params, 0))
-      weights = Weights(0, st.params, st.model_state, 0)
+      if initial is None:
+        tx, _ = make_optimizer(config.optimizer, config.steps)
+        initial = create_train_state(model, tx, config.seed, (1,) + self.image_shape)
+        if numerics is not None:
+          initial = initial.replace(params=numerics.store(initial.params, 0))
+      version = int(initial.step)
+      phase = 0 if numerics is None else numerics.phase_at(
+          min(max(version - 1, 0), config.steps - 1), config.steps)
+      weights = Weights(version, initial.params, initial.model_state, phase)
 
     self.schedulers = []
     for r in range(s.replicas):

@@ -35,7 +35,7 @@ from coltrain.data import DatasetSpec, load_split, train_batches, train_batches_
 from coltrain.numerics.policy import ResolvedPolicy
 from coltrain.serve.model import Weights
 from coltrain.train.optim import make_optimizer
-from coltrain.train.state import create_train_state
+from coltrain.train.state import TrainState, create_train_state
 from coltrain.train.step import make_train_step
 
 
@@ -47,12 +47,30 @@ IN_MEMORY_MAX_BYTES = 512 << 20   # smaller train splits are decoded once, kept 
 _copy_tree = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree))
 
 
+def _continue_with_micro_steps(state: TrainState, tx: optax.MultiSteps,
+                               k: int) -> tuple[TrainState, int]:
+  """A `launch.train` state at optimizer step S (optimizer `tx.inner_opt`) as this
+  trainer's state: the same weights, model state and PRNG key, the inner optimizer's
+  state inside a `MultiSteps` state with S gradient steps and no micro-batch
+  accumulated, and the step counted in micro-batches (S x k). Returns (state, S)."""
+  start = int(jax.device_get(state.step))
+  fresh = tx.init(state.params)
+  opt_state = fresh._replace(inner_opt_state=state.opt_state,
+                             gradient_step=jnp.asarray(start, fresh.gradient_step.dtype))
+  return state.replace(step=jnp.asarray(start * k, state.step.dtype),
+                       opt_state=opt_state), start
+
+
 class ChunkTrainer:
   """Owns the train state; only its scheduler thread calls `run_chunk`."""
 
   def __init__(self, config: ml_collections.ConfigDict, model, spec: DatasetSpec,
                train_source, numerics: Optional[ResolvedPolicy], device,
-               publish: Callable[[Weights], None]):
+               publish: Callable[[Weights], None], initial: Optional[TrainState] = None):
+    """`initial`: a `launch.train` state of `make_optimizer(config.optimizer,
+    config.steps)` at optimizer step S (`coltrain.serve.init_from`) to continue from:
+    its weights, optimizer state and step, and the data from global batch S on, as
+    `launch.train` would resume; None: a fresh state from `config.seed`."""
     self.micro_batch = config.serve.micro_batch_size
     self.accumulate = config.batch_size // self.micro_batch
     self.chunk_steps = config.serve.chunk_steps
@@ -63,9 +81,13 @@ class ChunkTrainer:
     tx, schedule = make_optimizer(config.optimizer, config.steps)
     k = self.accumulate
     self.tx = optax.MultiSteps(tx, every_k_schedule=k)
-    state = create_train_state(model, self.tx, config.seed, (1,) + spec.image_shape)
-    if numerics is not None:  # weights live in the storage format from the start
-      state = state.replace(params=numerics.store(state.params, 0))
+    start = 0
+    if initial is None:
+      state = create_train_state(model, self.tx, config.seed, (1,) + spec.image_shape)
+      if numerics is not None:  # weights live in the storage format from the start
+        state = state.replace(params=numerics.store(state.params, 0))
+    else:
+      state, start = _continue_with_micro_steps(initial, self.tx, k)
     self.state = jax.device_put(state, device)
     self.device = device
     self.image_shape = tuple(spec.image_shape)
@@ -78,10 +100,10 @@ class ChunkTrainer:
     if len(train_source) * int(np.prod(spec.image_shape)) <= IN_MEMORY_MAX_BYTES:
       self._batches = train_batches_in_memory(load_split(train_source),
                                               global_batch_size=config.batch_size,
-                                              seed=config.seed)
+                                              seed=config.seed, start_step=start)
     else:
       self._batches = train_batches(train_source, global_batch_size=config.batch_size,
-                                    seed=config.seed)
+                                    seed=config.seed, start_step=start)
     self._ahead: queue.Queue = queue.Queue(maxsize=PREFETCH_BATCHES)
     self._closed = threading.Event()
     self._fetcher = threading.Thread(target=self._fetch, name="train-data", daemon=True)
@@ -94,12 +116,12 @@ class ChunkTrainer:
     for phase in range(num_phases):  # the learning-rate metric counts optimizer steps
       fn = make_train_step(model, self.tx, lambda s: schedule(s // k), spec, numerics, phase)
       self._steps[phase] = jax.jit(fn, donate_argnums=0).lower(self.state, batch).compile()
-    self.micro_steps = 0          # micro-batches trained
-    self.samples = 0
-    self.published_version = 0    # optimizer step of the last published weights
+    self.micro_steps = start * k  # micro-batches trained (a resumed run's count)
+    self.samples = 0              # samples trained by this trainer
+    self.published_version = start  # optimizer step of the last published weights
     self.failure: Optional[str] = None
     self._pending: Optional[Weights] = None  # published once a chunk validates them
-    self._candidate = 0                      # optimizer step of the last copy taken
+    self._candidate = start                  # optimizer step of the last copy taken
     self.enabled = True           # paused when False (admin switch)
     self.last_loss = float("nan")
 

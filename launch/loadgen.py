@@ -101,12 +101,22 @@ def arrival_times(rate: float, duration: float, arrival: str, cv: float,
   return t[t < duration]
 
 
-def request_bodies(images: np.ndarray, per_request: int, count: int) -> list[bytes]:
-  """`count` KServe v2 JSON bodies of `per_request` images each (cycling over images)."""
+def request_bodies(images: np.ndarray, per_request: int, count: int,
+                   binary: bool = False) -> list:
+  """`count` KServe v2 bodies of `per_request` images each (cycling over images): JSON
+  (FP32 numbers), or with `binary` (JSON header, then the images as raw UINT8 bytes:
+  the protocol's binary tensor data) as (body, JSON length) pairs."""
   bodies = []
   n = len(images)
   for i in range(count):
     idx = [(i * per_request + j) % n for j in range(per_request)]
+    if binary:
+      x = np.ascontiguousarray(images[idx], np.uint8)
+      head = json.dumps({"inputs": [{
+          "name": "images", "shape": list(x.shape), "datatype": "UINT8",
+          "parameters": {"binary_data_size": x.nbytes}}]}).encode()
+      bodies.append((head + x.tobytes(), len(head)))
+      continue
     x = images[idx].astype(np.float32)
     bodies.append(json.dumps({"inputs": [{
         "name": "images", "shape": list(x.shape), "datatype": "FP32",
@@ -116,11 +126,22 @@ def request_bodies(images: np.ndarray, per_request: int, count: int) -> list[byt
 
 # -- HTTP/1.1 over keep-alive connections -------------------------------------------------
 
-def encode_requests(host: str, port: int, path: str, bodies: list[bytes]) -> list[bytes]:
-  """One complete POST (request line, headers, body) per body, encoded once."""
-  head = (f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\n"
-          "Content-Type: application/json\r\nContent-Length: ").encode()
-  return [head + b"%d\r\n\r\n" % len(b) + b for b in bodies]
+def encode_requests(host: str, port: int, path: str, bodies: list) -> list[bytes]:
+  """One complete POST (request line, headers, body) per body, encoded once; a
+  (body, JSON length) pair (binary tensor data) also gets the
+  `Inference-Header-Content-Length` header."""
+  head = f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\n".encode()
+  out = []
+  for b in bodies:
+    if isinstance(b, tuple):
+      b, json_length = b
+      out.append(head + b"Content-Type: application/octet-stream\r\n"
+                 b"Inference-Header-Content-Length: %d\r\nContent-Length: %d\r\n\r\n"
+                 % (json_length, len(b)) + b)
+    else:
+      out.append(head + b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+                 % len(b) + b)
+  return out
 
 
 class _Connection(asyncio.Protocol):
@@ -676,6 +697,9 @@ def main(argv=None) -> int:
   p.add_argument("--connections", type=int, default=64, help="open: connection pool")
   p.add_argument("--images_per_request", type=int, default=1)
   p.add_argument("--images", help=".npz with images (n, 28, 28, 1) uint8 and labels")
+  p.add_argument("--binary", action="store_true",
+                 help="send the images as binary tensor data (UINT8 bytes after a JSON "
+                      "header) instead of JSON numbers")
   p.add_argument("--slo_ms", type=float)
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--timeout", type=float, default=30.0)
@@ -701,7 +725,7 @@ def main(argv=None) -> int:
       p.error(f"--{flag} must be >= 1")
   images, labels = load_images(a.images, a.seed)
   nb = min(len(images), 256)
-  bodies = request_bodies(images, a.images_per_request, nb)
+  bodies = request_bodies(images, a.images_per_request, nb, binary=a.binary)
   label_lists = None
   if labels is not None:
     n = len(images)

@@ -333,3 +333,25 @@ def test_device_busy_fraction_is_device_cpu_time_per_second_and_core():
   # 0.75 core-seconds per second over 2 cores
   assert colocate_bench.device_busy(poll, "S", 10.0, 11.0) == pytest.approx(0.375)
   assert colocate_bench.device_busy(poll, "T", 10.0, 11.0) is None   # no split / no data
+
+
+def test_binary_requests_carry_the_same_images_as_json_requests():
+  from coltrain.serve.protocol import parse_infer_request
+  from launch.loadgen import encode_requests, request_bodies
+  images = np.random.default_rng(0).integers(0, 256, (5, 28, 28, 1)).astype(np.uint8)
+  got = []
+  for binary in (False, True):
+    bodies = request_bodies(images, 2, 3, binary=binary)
+    parsed = []
+    for raw in encode_requests("127.0.0.1", 80, "/v2/models/m/infer", bodies):
+      head, body = raw.split(b"\r\n\r\n", 1)
+      headers = dict(line.split(": ", 1) for line in head.decode().split("\r\n")[1:])
+      assert int(headers["Content-Length"]) == len(body)
+      n = headers.get("Inference-Header-Content-Length")
+      assert (n is not None) == binary
+      parsed.append(parse_infer_request(body, image_shape=(28, 28, 1), max_images=4,
+                                        json_length=None if n is None else int(n)).images)
+    got.append(parsed)
+  for a, b, i in zip(*got, range(3)):
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(a, images[[(2 * i) % 5, (2 * i + 1) % 5]])

@@ -5,7 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from coltrain.serve.protocol import ProtocolError, infer_response, parse_infer_request
+from coltrain.serve.protocol import (ProtocolError, encode_infer_response, header_length,
+                                     infer_response, parse_infer_request)
 
 SHAPE = (28, 28, 1)
 
@@ -106,3 +107,85 @@ def test_response_has_logits_labels_and_version():
   assert out["label"]["data"] == [1, 0] and out["label"]["shape"] == [2]
   assert "id" not in infer_response(model_name="m", version=0, req_id=None, logits=logits,
                                     parameters={})
+
+
+# -- binary tensor data (the protocol's binary extension) ---------------------------------
+def binary_body(x, datatype="UINT8", size=None, **top):
+  blob = x.astype(x.dtype.newbyteorder("<")).tobytes()
+  t = {"name": "images", "shape": list(x.shape), "datatype": datatype,
+       "parameters": {"binary_data_size": len(blob) if size is None else size}}
+  head = json.dumps({"inputs": [t], **top}).encode()
+  return head + blob, len(head)
+
+
+@pytest.mark.parametrize("datatype,dtype", [("UINT8", np.uint8), ("FP32", np.float32),
+                                            ("FP64", np.float64), ("INT32", np.int32)])
+def test_binary_input_equals_the_same_json_request(datatype, dtype):
+  x = np.random.default_rng(1).integers(0, 256, (2, 28, 28, 1)).astype(dtype)
+  raw, n = binary_body(x, datatype, id="b")
+  r = parse_infer_request(raw, image_shape=SHAPE, max_images=8, json_length=n)
+  same = parse(json.dumps({"id": "b", "inputs": [{
+      "name": "images", "shape": [2, 28, 28, 1], "datatype": datatype,
+      "data": x.ravel().tolist()}]}).encode())
+  assert r.id == "b" and r.images.dtype == np.float32
+  np.testing.assert_array_equal(r.images, same.images)
+  assert r.images[1, 27, 27, 0] == x[1, 27, 27, 0]
+
+
+def test_bad_binary_requests_get_precise_errors():
+  x = np.zeros((1, 28, 28, 1), np.uint8)
+  raw, n = binary_body(x)
+
+  def err(raw, n):
+    with pytest.raises(ProtocolError) as e:
+      parse_infer_request(raw, image_shape=SHAPE, max_images=8, json_length=n)
+    return str(e.value)
+
+  assert "needs binary data" in str(pytest.raises(ProtocolError, parse, raw[:n]).value)
+  assert "body has only" in err(raw, len(raw) + 1)
+  assert "holds 783 bytes" in err(raw[:-1], n)
+  assert "must be 784" in err(*binary_body(x, size=700))
+  assert "must be 3136" in err(*binary_body(x.astype(np.float32), "FP32", size=784))
+  assert "not valid JSON" in err(raw, n - 1)
+  nan = np.full((1, 28, 28, 1), np.nan, np.float32)
+  assert "non-finite" in err(*binary_body(nan, "FP32"))
+  both = json.loads(raw[:n])
+  both["inputs"][0]["data"] = [0] * 784
+  head = json.dumps(both).encode()
+  assert "both 'data' and" in err(head + raw[n:], len(head))
+  with pytest.raises(ProtocolError, match="non-negative integer"):
+    header_length("12a")
+  assert header_length(" 42 ") == 42 and header_length(None) is None
+
+
+def test_binary_outputs_are_asked_for_and_encoded_after_the_json():
+  x = np.zeros((1, 28, 28, 1), np.uint8)
+  assert parse(body()).binary_outputs == frozenset()
+  ask = parse(body(parameters={"binary_data_output": True}))
+  assert ask.binary_outputs == {"logits", "label"}
+  one = parse(body(outputs=[{"name": "logits", "parameters": {"binary_data": True}},
+                            {"name": "label"}]))
+  assert one.binary_outputs == {"logits"}
+  for bad, needle in (([{"name": "probs"}], "must be one of"),
+                      ([{"name": "label", "parameters": {"binary_data": 1}}],
+                       "must be true or false"), ({"name": "x"}, "must be a list")):
+    with pytest.raises(ProtocolError, match=needle):
+      parse(body(outputs=bad))
+  logits = np.array([[0.5, -2.0, 3.25], [1.0, 0.0, 0.0]], np.float32)
+  r = infer_response(model_name="m", version=7, req_id=None, logits=logits,
+                     parameters={}, binary_outputs=one.binary_outputs)
+  raw, n = encode_infer_response(r)
+  head = json.loads(raw[:n])
+  out = {o["name"]: o for o in head["outputs"]}
+  assert "data" not in out["logits"] and out["logits"]["parameters"] == {
+      "binary_data_size": 24}
+  assert out["label"]["data"] == [2, 0]
+  np.testing.assert_array_equal(np.frombuffer(raw[n:], "<f4").reshape(2, 3), logits)
+  both = infer_response(model_name="m", version=7, req_id=None, logits=logits,
+                        parameters={}, binary_outputs=frozenset({"logits", "label"}))
+  raw, n = encode_infer_response(both)
+  assert len(raw) - n == 24 + 16
+  np.testing.assert_array_equal(np.frombuffer(raw[n + 24:], "<i8"), [2, 0])
+  plain, none = encode_infer_response(infer_response(
+      model_name="m", version=7, req_id=None, logits=logits, parameters={}))
+  assert none is None and json.loads(plain)["outputs"][1]["data"] == [2, 0]

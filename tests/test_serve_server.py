@@ -48,7 +48,8 @@ def call(server, method, path, body=None, headers=None):
     r = conn.getresponse()
     data = r.read()
     ctype = r.getheader("Content-Type", "")
-    return r.status, (json.loads(data) if "json" in ctype else data.decode()), r
+    body = json.loads(data) if "json" in ctype else data if "octet" in ctype else data.decode()
+    return r.status, body, r
   finally:
     conn.close()
 
@@ -84,6 +85,41 @@ def test_inference_returns_logits_labels_version_and_timings(server):
   assert labels["data"] == np.argmax(np.reshape(logits["data"], (3, 10)), 1).tolist()
   assert int(out["model_version"]) >= 0
   assert out["parameters"]["batch_size"] >= 3 and out["parameters"]["compute_ms"] > 0
+
+
+def test_binary_tensor_data_in_and_out(server):
+  x = np.random.default_rng(3).integers(0, 256, (2, 28, 28, 1)).astype(np.uint8)
+  head = json.dumps({"inputs": [{"name": "images", "shape": [2, 28, 28, 1],
+                                 "datatype": "UINT8",
+                                 "parameters": {"binary_data_size": x.size}}],
+                     "parameters": {"binary_data_output": True}}).encode()
+  code, raw, r = call(server, "POST", "/v2/models/digits/infer", head + x.tobytes(),
+                      {"Inference-Header-Content-Length": str(len(head))})
+  assert code == 200 and r.getheader("Content-Type") == "application/octet-stream"
+  n = int(r.getheader("Inference-Header-Content-Length"))
+  out = {o["name"]: o for o in json.loads(raw[:n])["outputs"]}
+  logits = np.frombuffer(raw[n:n + 80], "<f4").reshape(2, 10)
+  assert out["logits"]["parameters"]["binary_data_size"] == 80
+  np.testing.assert_array_equal(np.frombuffer(raw[n + 80:], "<i8"), logits.argmax(1))
+  # the same images as JSON numbers give the same logits (same weights: pause training)
+  call(server, "POST", "/coltrain/training", json.dumps({"enabled": False}))
+  try:
+    time.sleep(0.2)   # a chunk running at the switch may still publish: let it
+    code, raw, r = call(server, "POST", "/v2/models/digits/infer", head + x.tobytes(),
+                        {"Inference-Header-Content-Length": str(len(head))})
+    n = int(r.getheader("Inference-Header-Content-Length"))
+    code, out, _ = call(server, "POST", "/v2/models/digits/infer", json.dumps(
+        {"inputs": [{"name": "images", "shape": [2, 28, 28, 1], "datatype": "UINT8",
+                     "data": x.ravel().tolist()}]}).encode())
+    assert code == 200
+    assert json.loads(raw[:n])["model_version"] == out["model_version"]
+    np.testing.assert_array_equal(np.frombuffer(raw[n:n + 80], "<f4"),
+                                  np.float32(out["outputs"][0]["data"]))
+  finally:
+    call(server, "POST", "/coltrain/training", json.dumps({"enabled": True}))
+  code, out, _ = call(server, "POST", "/v2/models/digits/infer", head,
+                      {"Inference-Header-Content-Length": str(len(head))})
+  assert code == 400 and "holds 0 bytes" in out["error"]
 
 
 def test_served_version_advances_while_training_in_idle_cycles(server):

@@ -53,7 +53,8 @@ from typing import Any, Optional
 
 from coltrain.serve import wire
 from coltrain.serve.http import Deferred, HTTPServer, Request, Response
-from coltrain.serve.protocol import ProtocolError, dumps, infer_response, parse_infer_request
+from coltrain.serve.protocol import (HEADER_LENGTH, ProtocolError, encode_infer_response,
+                                     header_length, infer_response, parse_infer_request)
 from coltrain.serve.timing import clock
 
 MAX_BODY_BYTES = 16 << 20
@@ -106,11 +107,13 @@ class LoopBacklog:
 class _Waiting:
   """A request sent to the device process, waiting for its answer (`arrival` is None
   for a forwarded call: only inference requests have one)."""
-  __slots__ = ("reply", "request_id", "arrival", "timer")
+  __slots__ = ("reply", "request_id", "arrival", "timer", "binary_outputs")
 
-  def __init__(self, request_id: Optional[str], arrival: Optional[float]):
+  def __init__(self, request_id: Optional[str], arrival: Optional[float],
+               binary_outputs: frozenset = frozenset()):
     self.reply = Deferred()
     self.request_id, self.arrival = request_id, arrival
+    self.binary_outputs = binary_outputs   # outputs to answer as raw bytes
     self.timer: Optional[asyncio.TimerHandle] = None
 
 
@@ -242,10 +245,10 @@ class FrontEnd:
     return True
 
   def _wait(self, request_id: Optional[str], arrival: Optional[float],
-            timeout: float) -> tuple[int, _Waiting]:
+            timeout: float, binary_outputs: frozenset = frozenset()) -> tuple[int, _Waiting]:
     key = self._next_key
     self._next_key += 1
-    w = self._waiting[key] = _Waiting(request_id, arrival)
+    w = self._waiting[key] = _Waiting(request_id, arrival, binary_outputs)
     w.timer = self.loop.call_later(timeout, self._timed_out, key)
     return key, w
 
@@ -276,8 +279,14 @@ class FrontEnd:
           logits=fields["logits"], parameters={
               "queue_ms": round(fields["queue_ms"], 3),
               "compute_ms": round(fields["compute_ms"], 3),
-              "replica": fields["replica"], "batch_size": fields["batch_size"]})
-      self._answer(key, Response(200, dumps(payload)))
+              "replica": fields["replica"], "batch_size": fields["batch_size"]},
+          binary_outputs=w.binary_outputs)
+      body, json_length = encode_infer_response(payload)
+      if json_length is None:
+        self._answer(key, Response(200, body))
+      else:
+        self._answer(key, Response(200, body, "application/octet-stream",
+                                   ((HEADER_LENGTH, str(json_length)),)))
       sent = clock()
       self._post_later(wire.sent(sent - fields["finished_at"], sent - w.arrival))
     elif code == 503:
@@ -332,13 +341,15 @@ class FrontEnd:
       return self._error(404, f"unknown model '{model}'; this server serves "
                               f"'{info['model_name']}'")
     try:
-      req = parse_infer_request(request.body, image_shape=info["image_shape"],
-                                max_images=info["max_batch"])
+      req = parse_infer_request(
+          request.body, image_shape=info["image_shape"], max_images=info["max_batch"],
+          json_length=header_length(request.headers.get(HEADER_LENGTH)))
     except ProtocolError as e:
       return self._error(400, str(e))
     budget_s = req.deadline_ms / 1e3 if req.deadline_ms else self.slo_s
     key, w = self._wait(req.id, request.received,
-                        max(request.received + budget_s - clock(), 0.0) + RESULT_GRACE_S)
+                        max(request.received + budget_s - clock(), 0.0) + RESULT_GRACE_S,
+                        req.binary_outputs)
     if not self._send_request(wire.infer(key, request.received, req.deadline_ms,
                                          req.images)):
       self._answer(key, Response.error(503, "the device process is gone"))

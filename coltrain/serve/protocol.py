@@ -17,6 +17,17 @@ Response:
    "outputs": [{"name": "logits", "datatype": "FP32", "shape": [n, K], "data": [...]},
                {"name": "label", "datatype": "INT64", "shape": [n], "data": [...]}],
    "parameters": {"queue_ms", "compute_ms", "replica", "batch_size"}}
+
+Binary tensor data (the protocol's binary extension, as Triton and KServe implement it):
+  a request whose HTTP header `Inference-Header-Content-Length: L` is set carries its
+  JSON in the body's first L bytes and raw tensor bytes after them; the input then has
+  `"parameters": {"binary_data_size": B}` instead of `data`: B = n*H*W*C x the
+  datatype's size, little-endian, row-major. An output is returned as raw bytes when
+  the request asks (`"parameters": {"binary_data_output": true}` for all outputs, or
+  `"outputs": [{"name": "logits", "parameters": {"binary_data": true}}]`): its JSON
+  entry has `"parameters": {"binary_data_size": B}` and no `data`, its bytes follow the
+  JSON in output order (logits float32, label int64, little-endian), and the response
+  carries `Inference-Header-Content-Length` (`encode_infer_response`).
 """
 
 from __future__ import annotations
@@ -31,6 +42,8 @@ import orjson
 
 DATATYPES = {"FP32": np.float32, "FP64": np.float64, "UINT8": np.uint8, "INT32": np.int32}
 MAX_DEADLINE_MS = 60_000.0
+OUTPUTS = ("logits", "label")
+HEADER_LENGTH = "inference-header-content-length"   # the binary extension's HTTP header
 
 
 class ProtocolError(ValueError):
@@ -43,15 +56,36 @@ class InferRequest:
   images: np.ndarray
   id: Optional[str] = None
   deadline_ms: Optional[float] = None
+  binary_outputs: frozenset = frozenset()   # output names to return as raw bytes
 
 
 def _number(value: Any) -> bool:
   return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def parse_infer_request(body: bytes, *, image_shape: tuple[int, ...],
-                        max_images: int) -> InferRequest:
-  """Parses and validates a KServe v2 JSON inference request (see module docstring)."""
+def header_length(value: Optional[str]) -> Optional[int]:
+  """The `Inference-Header-Content-Length` header's value as an int (None if absent);
+  raises `ProtocolError` if it is not a non-negative integer."""
+  if value is None:
+    return None
+  value = value.strip()
+  if not value.isdigit():
+    raise ProtocolError(f"'Inference-Header-Content-Length' must be a non-negative "
+                        f"integer, got {value!r}")
+  return int(value)
+
+
+def parse_infer_request(body: bytes, *, image_shape: tuple[int, ...], max_images: int,
+                        json_length: Optional[int] = None) -> InferRequest:
+  """Parses and validates a KServe v2 inference request (see module docstring):
+  `json_length` (the `Inference-Header-Content-Length`; None: the whole body is JSON)
+  splits the body into its JSON and its binary tensor data."""
+  binary = None
+  if json_length is not None:
+    if json_length > len(body):
+      raise ProtocolError(f"'Inference-Header-Content-Length' is {json_length} but the "
+                          f"body has only {len(body)} bytes")
+    body, binary = body[:json_length], memoryview(body)[json_length:]
   try:
     obj = orjson.loads(body)
   except orjson.JSONDecodeError:
@@ -77,22 +111,56 @@ def parse_infer_request(body: bytes, *, image_shape: tuple[int, ...],
       raise ProtocolError(f"'parameters.deadline_ms' must be a number in "
                           f"(0, {MAX_DEADLINE_MS:g}], got {deadline!r}")
     deadline = float(deadline)
-  outputs = obj.get("outputs")
-  if outputs is not None and not isinstance(outputs, list):
-    raise ProtocolError("'outputs' must be a list")
+  binary_outputs = _binary_outputs(params, obj.get("outputs"))
   inputs = obj.get("inputs")
   if not isinstance(inputs, list) or len(inputs) != 1:
     raise ProtocolError("'inputs' must be a list holding exactly one tensor (the images)")
-  images = _parse_tensor(inputs[0], image_shape, max_images)
-  return InferRequest(images=images, id=req_id, deadline_ms=deadline)
+  images = _parse_tensor(inputs[0], image_shape, max_images, binary)
+  return InferRequest(images=images, id=req_id, deadline_ms=deadline,
+                      binary_outputs=binary_outputs)
 
 
-def _parse_tensor(t: Any, image_shape: tuple[int, ...], max_images: int) -> np.ndarray:
+def _flag(params: dict, key: str, where: str) -> bool:
+  value = params.get(key, False)
+  if not isinstance(value, bool):
+    raise ProtocolError(f"'{where}.{key}' must be true or false, got {value!r}")
+  return value
+
+
+def _binary_outputs(params: dict, outputs: Any) -> frozenset:
+  """The output names the request wants as raw bytes (see module docstring)."""
+  every = _flag(params, "binary_data_output", "parameters")
+  if outputs is None:
+    return frozenset(OUTPUTS) if every else frozenset()
+  if not isinstance(outputs, list):
+    raise ProtocolError("'outputs' must be a list")
+  names = set(OUTPUTS) if every else set()
+  for i, out in enumerate(outputs):
+    if not isinstance(out, dict) or not isinstance(out.get("name"), str):
+      raise ProtocolError(f"'outputs[{i}]' must be a JSON object with a 'name'")
+    if out["name"] not in OUTPUTS:
+      raise ProtocolError(f"'outputs[{i}].name' must be one of {list(OUTPUTS)}, got "
+                          f"{out['name']!r}")
+    p = out.get("parameters", {})
+    if not isinstance(p, dict):
+      raise ProtocolError(f"'outputs[{i}].parameters' must be a JSON object")
+    if _flag(p, "binary_data", f"outputs[{i}].parameters"):
+      names.add(out["name"])
+  return frozenset(names)
+
+
+def _parse_tensor(t: Any, image_shape: tuple[int, ...], max_images: int,
+                  binary: Optional[memoryview] = None) -> np.ndarray:
   if not isinstance(t, dict):
     raise ProtocolError("'inputs[0]' must be a JSON object with name, shape, datatype, data")
-  for key in ("name", "shape", "datatype", "data"):
+  params = t.get("parameters", {})
+  if not isinstance(params, dict):
+    raise ProtocolError("'inputs[0].parameters' must be a JSON object")
+  binary_size = params.get("binary_data_size")
+  for key in ("name", "shape", "datatype") + (() if binary_size is not None else ("data",)):
     if key not in t:
-      raise ProtocolError(f"'inputs[0]' is missing '{key}'")
+      raise ProtocolError(f"'inputs[0]' is missing '{key}'" + (
+          " (or 'parameters.binary_data_size' with binary data)" if key == "data" else ""))
   if not isinstance(t["name"], str):
     raise ProtocolError("'inputs[0].name' must be a string")
   dtype = t["datatype"]
@@ -109,6 +177,8 @@ def _parse_tensor(t: Any, image_shape: tuple[int, ...], max_images: int) -> np.n
   n = shape[0]
   if not 1 <= n <= max_images:
     raise ProtocolError(f"a request holds 1..{max_images} images, got shape[0] = {n}")
+  if binary_size is not None:
+    return _binary_tensor(t, shape, dtype, binary_size, binary)
   data = t["data"]
   if not isinstance(data, list):
     raise ProtocolError("'inputs[0].data' must be a list of numbers")
@@ -133,21 +203,64 @@ def _parse_tensor(t: Any, image_shape: tuple[int, ...], max_images: int) -> np.n
   return arr.reshape(shape).astype(np.float32)
 
 
+def _binary_tensor(t: dict, shape: list, dtype: str, size: Any,
+                   binary: Optional[memoryview]) -> np.ndarray:
+  if "data" in t:
+    raise ProtocolError("'inputs[0]' has both 'data' and 'parameters.binary_data_size'")
+  if binary is None:
+    raise ProtocolError("'inputs[0].parameters.binary_data_size' needs binary data: send "
+                        "the JSON length in the 'Inference-Header-Content-Length' header")
+  item = np.dtype(DATATYPES[dtype]).itemsize
+  need = math.prod(shape) * item
+  if not isinstance(size, int) or isinstance(size, bool) or size != need:
+    raise ProtocolError(f"'inputs[0].parameters.binary_data_size' must be {need} "
+                        f"(shape {shape} of {dtype}), got {size!r}")
+  if len(binary) != size:
+    raise ProtocolError(f"the body holds {len(binary)} bytes of binary data after the "
+                        f"JSON; 'binary_data_size' says {size}")
+  arr = np.frombuffer(binary, np.dtype(DATATYPES[dtype]).newbyteorder("<"))
+  if dtype in ("FP32", "FP64") and not np.isfinite(arr).all():
+    raise ProtocolError("'inputs[0]' binary data holds a non-finite value (NaN or Infinity)")
+  return arr.astype(np.float32).reshape(shape)
+
+
 def dumps(obj: Any) -> bytes:
   """JSON bytes of a response object (orjson: numpy scalars and arrays allowed)."""
   return orjson.dumps(obj, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
 def infer_response(*, model_name: str, version: int, req_id: Optional[str],
-                   logits: np.ndarray, parameters: dict[str, Any]) -> dict[str, Any]:
-  """The KServe v2 response for one request's `logits` (n, K)."""
-  out = {"model_name": model_name, "model_version": str(version),
-         "outputs": [
-             {"name": "logits", "datatype": "FP32", "shape": list(logits.shape),
-              "data": logits.astype(np.float32).ravel().tolist()},
-             {"name": "label", "datatype": "INT64", "shape": [int(logits.shape[0])],
-              "data": np.argmax(logits, axis=-1).tolist()}],
+                   logits: np.ndarray, parameters: dict[str, Any],
+                   binary_outputs: frozenset = frozenset()) -> dict[str, Any]:
+  """The KServe v2 response object for one request's `logits` (n, K). An output named
+  in `binary_outputs` gets `parameters.binary_data_size` instead of `data`, and its
+  bytes under the key `_binary` (see `encode_infer_response`)."""
+  logits = np.ascontiguousarray(logits, np.float32)
+  values = {"logits": logits, "label": np.argmax(logits, axis=-1).astype(np.int64)}
+  outputs = []
+  for name, datatype in (("logits", "FP32"), ("label", "INT64")):
+    x = values[name]
+    out = {"name": name, "datatype": datatype, "shape": list(x.shape)}
+    if name in binary_outputs:
+      blob = x.astype(x.dtype.newbyteorder("<"), copy=False).tobytes()
+      out["parameters"] = {"binary_data_size": len(blob)}
+      out["_binary"] = blob
+    else:
+      out["data"] = x.ravel().tolist()
+    outputs.append(out)
+  out = {"model_name": model_name, "model_version": str(version), "outputs": outputs,
          "parameters": parameters}
   if req_id is not None:
     out["id"] = req_id
   return out
+
+
+def encode_infer_response(response: dict[str, Any]) -> tuple[bytes, Optional[int]]:
+  """(body, JSON length) of an `infer_response` object: outputs with binary data leave
+  their bytes after the JSON, in output order, and the JSON length is the
+  `Inference-Header-Content-Length` to send; with none, (JSON, None)."""
+  blobs = [out.pop("_binary") for out in response["outputs"] if "_binary" in out]
+  head = dumps(response)
+  if not blobs:
+    return head, None
+  return b"".join([head, *blobs]), len(head)

@@ -26,18 +26,13 @@ import time
 
 import numpy as np
 
+from launch.bench_frontend import _cpu_seconds
 from launch.colocate_bench import ServeProcess, run_loadgen, split_cpus, write_images
 
 
 def _children(pid: int) -> list[int]:
   with open(f"/proc/{pid}/task/{pid}/children") as f:
     return [int(x) for x in f.read().split()]
-
-
-def _cpu_seconds(pid: int) -> float:
-  with open(f"/proc/{pid}/stat") as f:
-    fields = f.read().rsplit(")", 1)[1].split()
-  return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def main(argv=None) -> int:

@@ -18,9 +18,10 @@ Steps: (1) SLO = 5 x the median latency of isolated batch-1 requests (one at a t
 25/s, so each finds the server idle) to a fresh inference-only server (unless
 --slo_ms); (2) capacity = the best goodput (requests/s served within the SLO) of a
 closed loop at 1, 2, 4, 8 or 16 concurrent clients on (A); (3) B's training
-samples/s (before and after the sweep; their mean is used); (4) for each rho in
-{0.1, 0.3, 0.5, 0.7, 0.9}: open-loop Poisson load at rho x capacity on A, C and D (and
-bursty Gamma CV 2 load on A and D);
+samples/s; (4) for each rho in {0.1, 0.3, 0.5, 0.7, 0.9}: open-loop Poisson load at
+rho x capacity on A, C and D (and bursty Gamma CV 2 load on A and D), then B again: each
+rho's retention is against the B of its own round (a shared machine's speed drifts over
+the sweep; a B from minutes away would bias the ratio);
 (5) overload at rho = 1.5 on D and A; (6) 1,000 malformed requests, then a health check and a
 valid request. Training throughput is the servers' `coltrain_train_samples_total` rate
 over the exact arrival window of each run (sampled 5 times a second); U (inference busy
@@ -347,7 +348,7 @@ def main(argv=None) -> int:
       time.sleep(0.5)
       return sps
 
-    b_runs = [measure_b("before")]
+    b_runs = [{"tag": "before", "train_samples_per_s": measure_b("before")}]
 
     def point(cfg: str, rho: float, arrival: str) -> dict:
       S.training(cfg == "D")
@@ -385,11 +386,13 @@ def main(argv=None) -> int:
       if not a.quick or rho == 0.5:
         for cfg in ("A", "D") if i % 2 == 0 else ("D", "A"):
           results["points"].append(point(cfg, rho, "gamma"))
+      b_runs.append({"tag": f"rho={rho}", "rho": rho,
+                     "train_samples_per_s": measure_b(f"rho={rho}")})
       note_load(f"rho={rho}")
 
-    b_runs.append(measure_b("after"))
-    results["B"] = {"train_samples_per_s": float(np.mean(b_runs)), "runs": b_runs,
-                    "window_s": duration}
+    results["B"] = {"train_samples_per_s": float(np.mean([r["train_samples_per_s"]
+                                                          for r in b_runs])),
+                    "runs": b_runs, "window_s": duration}
     # (5) overload
     results["overload"] = [point("D", OVERLOAD_RHO, "poisson"),
                            point("A", OVERLOAD_RHO, "poisson")]
@@ -452,14 +455,25 @@ def _get(points, cfg, rho, arrival="poisson"):
   return None
 
 
+def b_for(results: dict, rho: float) -> float:
+  """B's training samples/s to compare the points at `rho` with: the B measured in that
+  rho's round of the sweep if there is one, else the mean of all B runs."""
+  for r in results["B"].get("runs", ()):
+    if isinstance(r, dict) and r.get("rho") == rho and r.get("train_samples_per_s"):
+      return r["train_samples_per_s"]
+  return results["B"]["train_samples_per_s"] or float("nan")
+
+
 def summarize(results: dict) -> list[dict]:
   """Per rho and arrival process, for C and D: slo_attainment, p99_inflation (p99 / p99
-  of A), retention (training samples/s / B's), harvest_efficiency (retention / (1 - U),
-  U = inference busy fraction in A: the device time of its batches), and with a
-  device/host split harvest_efficiency_device (retention / (1 - U_device), U_device = the
-  busy fraction of A's device cores: every cycle the emulated device spent serving,
-  batching and admission included)."""
-  b = results["B"]["train_samples_per_s"] or float("nan")
+  of A), retention (training samples/s / B's, `b_for`: the B of the same round),
+  harvest_efficiency (retention / (1 - U), U = inference busy fraction in A: the device
+  time of its batches), and with a device/host split harvest_efficiency_device
+  (retention / (1 - U_device), U_device = the busy fraction of A's device cores: every
+  cycle the emulated device spent serving, batching and admission included) and
+  harvest_bound = (1 - U_device) / (1 - U): the harvest_efficiency that training on every
+  idle device cycle at B's speed would reach, the most any scheduler can against U
+  (retention <= 1 - U_device)."""
   out = []
   pts = results["points"]
   keys = sorted({(p["rho"], p["arrival"]) for p in pts}, key=lambda k: (k[1] != "poisson", k))
@@ -470,6 +484,8 @@ def summarize(results: dict) -> list[dict]:
     u = a.get("inference_busy_fraction") or 0.0
     u_dev = a.get("device_busy_fraction")
     a_p99 = a.get("latency_ms", {}).get("p99", float("nan"))
+    b = b_for(results, rho)
+    bound = (1.0 - u_dev) / (1.0 - u) if u_dev is not None and u < 1 else None
     for cfg in ("D", "C"):
       x = _get(pts, cfg, rho, arrival)
       if x is None:
@@ -480,11 +496,12 @@ def summarize(results: dict) -> list[dict]:
           "slo_attainment": x.get("slo_attainment"),
           "p99_ms": x.get("latency_ms", {}).get("p99"), "p99_A_ms": a_p99,
           "p99_inflation": x.get("latency_ms", {}).get("p99", float("nan")) / a_p99,
-          "retention": retention, "U": u,
+          "B_samples_per_s": b, "retention": retention, "U": u,
           "harvest_efficiency": retention / (1.0 - u) if u < 1 else float("nan"),
           "U_device": u_dev,
           "harvest_efficiency_device": (retention / (1.0 - u_dev)
                                         if u_dev is not None and u_dev < 1 else None),
+          "harvest_bound": bound,
           "slo_attainment_A": a.get("slo_attainment"),
           "shed_fraction": x.get("shed_fraction")})
   return out
@@ -492,18 +509,21 @@ def summarize(results: dict) -> list[dict]:
 
 def write_table(results: dict, path: str) -> None:
   lines = [f"SLO {results['slo_ms']:.2f} ms; capacity {results['capacity']['rps']:.0f} req/s; "
-           f"B (training only) {results['B']['train_samples_per_s']:.0f} samples/s", "",
+           f"B (training only) {results['B']['train_samples_per_s']:.0f} samples/s (mean of "
+           f"its runs; retention uses each rho's own B)", "",
            "| arrival | rho | config | SLO attainment | p99 (ms) | p99 of A (ms) | p99 inflation"
-           " | retention | U (A) | harvest efficiency | U_device (A) | harvest (device) |"
-           " A's SLO attainment |",
-           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+           " | B (samples/s) | retention | U (A) | harvest efficiency | U_device (A) |"
+           " harvest (device) | harvest bound | A's SLO attainment |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+           " --- |"]
   opt = lambda x: "n/a" if x is None else f"{x:.3f}"
   for s in results["summary"]:
     lines.append(
         f"| {s['arrival']} | {s['rho']} | {s['config']} | {s['slo_attainment']:.4f} | "
         f"{s['p99_ms']:.2f} | {s['p99_A_ms']:.2f} | {s['p99_inflation']:.2f} | "
-        f"{s['retention']:.3f} | {s['U']:.3f} | {s['harvest_efficiency']:.3f} | "
-        f"{opt(s.get('U_device'))} | {opt(s.get('harvest_efficiency_device'))} | "
+        f"{s['B_samples_per_s']:.0f} | {s['retention']:.3f} | {s['U']:.3f} | "
+        f"{s['harvest_efficiency']:.3f} | {opt(s.get('U_device'))} | "
+        f"{opt(s.get('harvest_efficiency_device'))} | {opt(s.get('harvest_bound'))} | "
         f"{s['slo_attainment_A']:.4f} |")
   lines += ["", "Overload (rho = 1.5, Poisson):", "",
             "| config | offered req/s | served req/s | shed fraction | SLO attainment (all) |"
@@ -541,14 +561,15 @@ def plot(results: dict, path: str) -> None:
   ax1.set_ylabel("p99 latency (ms)")
   ax1.set_yscale("log")
   ax1.legend()
-  b = results["B"]["train_samples_per_s"]
-  ax2.axhline(b, color="gray", ls="--", label="B training only")
   rh = sorted({p["rho"] for p in pts})
+  bs = [b_for(results, r) for r in rh]
+  ax2.plot(rh, bs, color="gray", ls="--", label="B training only (each rho's round)")
   us = [(_get(pts, "A", r) or {}).get("inference_busy_fraction") or 0 for r in rh]
-  ax2.plot(rh, [b * (1 - u) for u in us], "g:", label="B x (1 - U)")
+  ax2.plot(rh, [b * (1 - u) for b, u in zip(bs, us)], "g:", label="B x (1 - U)")
   ud = [(_get(pts, "A", r) or {}).get("device_busy_fraction") for r in rh]
   if all(u is not None for u in ud):
-    ax2.plot(rh, [b * (1 - u) for u in ud], "g--", label="B x (1 - U_device) (idle cycles)")
+    ax2.plot(rh, [b * (1 - u) for b, u in zip(bs, ud)], "g--",
+             label="B x (1 - U_device) (idle cycles)")
   ax2.set_xlabel("load rho (fraction of capacity)")
   ax2.set_ylabel("training samples/s")
   ax2.legend()

@@ -312,11 +312,21 @@ def test_benchmark_summary_formulas(tmp_path):
   assert c["harvest_efficiency"] == pytest.approx(0.6) and d["slo_attainment"] == 0.995
   # against the device cores' idle fraction (1 - 0.6) instead of (1 - U)
   assert d["U_device"] == 0.6 and d["harvest_efficiency_device"] == pytest.approx(1.0)
+  # the most any scheduler could harvest against U: every idle device cycle trained
+  assert d["harvest_bound"] == pytest.approx(0.8) and d["B_samples_per_s"] == 100.0
   results["summary"] = summary
   colocate_bench.write_table(results, str(tmp_path / "t.md"))
   text = (tmp_path / "t.md").read_text()
-  assert ("| poisson | 0.5 | D | 0.9950 | 5.00 | 4.00 | 1.25 | 0.400 | 0.500 | 0.800 | 0.600 |"
-          " 1.000 |") in text
+  assert ("| poisson | 0.5 | D | 0.9950 | 5.00 | 4.00 | 1.25 | 100 | 0.400 | 0.500 | 0.800 |"
+          " 0.600 | 1.000 | 0.800 |") in text
+  colocate_bench.plot(results, str(tmp_path / "p.png"))
+  assert (tmp_path / "p.png").stat().st_size > 1000
+  # B measured in each rho's round: that round's points are compared with it
+  results["B"]["runs"] = [{"tag": "before", "train_samples_per_s": 90.0},
+                          {"tag": "rho=0.5", "rho": 0.5, "train_samples_per_s": 80.0}]
+  d = next(s for s in colocate_bench.summarize(results) if s["config"] == "D")
+  assert d["B_samples_per_s"] == 80.0 and d["retention"] == pytest.approx(0.5)
+  assert d["harvest_efficiency"] == pytest.approx(1.0)
   colocate_bench.plot(results, str(tmp_path / "p.png"))
   assert (tmp_path / "p.png").stat().st_size > 1000
 

@@ -35,7 +35,8 @@ Cores: with --device_cpus (default: the last core) both servers run their device
 the metrics poller on the others (`serve.device_cpus`, `coltrain.cpus`).
 
 Writes --out (raw points, `summary`, conditions incl. load averages), a markdown table
-(`results.md`) and a plot (`colocate.png`) next to it.
+(`results.md`, with where A's and D's slowest 1 % of requests spent their time) and a
+plot (`colocate.png`) next to it.
 """
 
 from __future__ import annotations
@@ -525,6 +526,19 @@ def write_table(results: dict, path: str) -> None:
         f"{s['harvest_efficiency']:.3f} | {opt(s.get('U_device'))} | "
         f"{opt(s.get('harvest_efficiency_device'))} | {opt(s.get('harvest_bound'))} | "
         f"{s['slo_attainment_A']:.4f} |")
+  tails = [p for p in results["points"]
+           if p.get("latency_breakdown_ms", {}).get("tail") and p["config"] in ("A", "D")
+           and p["arrival"] == "poisson"]
+  if tails:
+    lines += ["", "Where the slowest 1 % of the served requests spent their time (Poisson; "
+              "means in ms; loadgen `latency_breakdown_ms`):", "",
+              "| rho | config | latency | generator late | server queue | compute | rest |",
+              "| --- | --- | --- | --- | --- | --- | --- |"]
+    for p in sorted(tails, key=lambda p: (p["rho"], p["config"])):
+      t = p["latency_breakdown_ms"]["tail"]
+      lines.append(f"| {p['rho']} | {p['config']} | {t['latency']:.2f} | "
+                   f"{t['dispatch_late']:.2f} | {t['server_queue']:.2f} | {t['compute']:.2f} | "
+                   f"{t['rest']:.2f} |")
   lines += ["", "Overload (rho = 1.5, Poisson):", "",
             "| config | offered req/s | served req/s | shed fraction | SLO attainment (all) |"
             " SLO attainment (admitted) | p99 admitted (ms) |", "| --- | --- | --- | --- | --- | --- | --- |"]

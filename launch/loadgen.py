@@ -40,7 +40,10 @@ The JSON written to --out (and the last line on stdout) holds: counts by status 
 latency percentiles of the served (200) requests, `slo_attainment` (fraction of ALL
 scheduled requests served within `slo_ms`; shed or failed ones count as misses),
 `slo_attainment_admitted` (among served ones), `shed_fraction` (503s), throughput,
-model versions seen, accuracy (with labels), and how late the dispatcher ran.
+model versions seen, accuracy (with labels), how late the dispatcher ran, and (open
+loop) `latency_breakdown_ms`: where the time of all and of the slowest 1 % of the served
+requests went (this generator's lateness, the server's queueing and compute as it
+reports them, the rest).
 """
 
 from __future__ import annotations
@@ -556,19 +559,29 @@ class LoadGen:
 
   def record(self, i: int, status: int, body: bytes) -> list:
     """[status, model version, correct labels] of request i, decoded from its body."""
-    rec = [status, -1, 0]
+    return self.decode(i, status, body)[0]
+
+  def decode(self, i: int, status: int, body: bytes) -> tuple[list, tuple[float, float]]:
+    """(`record`, (queue_ms, compute_ms)): the latter are the server's own account of
+    request i (its `parameters`: time queued on the device, the batch's device time),
+    NaN when absent (not a 200, or a server that does not report them)."""
+    rec, timing = [status, -1, 0], (math.nan, math.nan)
     if status != 200:
-      return rec
+      return rec, timing
     try:
       resp = _loads(body)
       rec[1] = int(resp.get("model_version", -1))
+      params = resp.get("parameters")
+      if isinstance(params, dict):
+        timing = (float(params.get("queue_ms", math.nan)),
+                  float(params.get("compute_ms", math.nan)))
       if self.labels is not None:
         pred = resp["outputs"][1]["data"]
         want = self.labels[i % len(self.labels)]
         rec[2] = sum(int(a == b) for a, b in zip(pred, want))
     except (ValueError, KeyError, IndexError, TypeError, AttributeError):
       pass  # a 200 without a readable body: counted, but no version or labels
-    return rec
+    return rec, timing
 
   def open_loop(self, offsets: np.ndarray, connections: int) -> dict:
     """Request i is released `offsets[i]` s after a start 0.1 s from now, over at most
@@ -584,11 +597,14 @@ class LoadGen:
     latency = done - (t0 + offsets)
     latency[status == -1] = np.nan
     late = np.array(run.sent) - (t0 + offsets)
-    recs = [self.record(i, s, b) for i, (s, b) in enumerate(zip(run.status, run.body))]
+    decoded = [self.decode(i, s, b) for i, (s, b) in enumerate(zip(run.status, run.body))]
+    recs = [r for r, _ in decoded]
+    server_ms = np.array([t for _, t in decoded], float).reshape(-1, 2)
     if len(offsets) == 0:
       return {"latency": latency, "recs": recs, "wall": 0.0,
               "window_unix": [t0_unix, t0_unix], "late_ms": {}}
     return {"latency": latency, "recs": recs, "wall": float(np.nanmax(done) - t0),
+            "late": late, "server_ms": server_ms,
             "window_unix": [t0_unix, t0_unix + float(offsets[-1])],  # arrivals
             "late_ms": {"p50": float(np.nanmedian(late) * 1e3),
                         "p99": float(np.nanpercentile(late, 99) * 1e3),
@@ -640,10 +656,41 @@ def summarize(res: dict, *, slo_ms: Optional[float], images_per_request: int,
     out["slo_ms"] = slo_ms
     out["slo_attainment"] = float(np.mean(within)) if len(status) else 0.0
     out["slo_attainment_admitted"] = float(np.sum(within) / max(np.sum(ok), 1))
+    if "server_ms" in res:
+      out["latency_breakdown_ms"] = latency_breakdown(
+          lat, ok, np.asarray(res["server_ms"], float), res.get("late"))
   if "window_unix" in res:
     out["window_unix"] = res["window_unix"]
   if "late_ms" in res:
     out["dispatch_late_ms"] = res["late_ms"]
+  return out
+
+
+def latency_breakdown(latency_s: np.ndarray, ok: np.ndarray, server_ms: np.ndarray,
+                      late_s: Optional[np.ndarray] = None) -> dict:
+  """Where the time of the served requests went (open loop), in ms, as means over all
+  of them (`all`) and over the slowest 1 % (`tail`: latency >= the p99): `latency`
+  (from the scheduled arrival), `dispatch_late` (this generator sending after the
+  scheduled time), `server_queue` and `compute` (the server's `queue_ms` and
+  `compute_ms`: from the request's arrival in its front end, as the front end dates it,
+  to its batch's start on the device, i.e. parsing, the hand-over and the wait for the
+  device; and the batch's device time) and `rest` = latency - server_queue - compute
+  (the generator's lateness, the transfers, the response path through the front end).
+  Requests whose response has no server timings are left out; {} if none has them."""
+  have = ok & np.all(np.isfinite(server_ms), axis=1) & np.isfinite(latency_s)
+  if not np.any(have):
+    return {}
+  lat = latency_s * 1e3
+  p99 = np.percentile(lat[have], 99)
+  late = (np.asarray(late_s, float) * 1e3 if late_s is not None
+          else np.full(len(lat), math.nan))
+  out = {}
+  for name, sel in (("all", have), ("tail", have & (lat >= p99))):
+    q, c = server_ms[sel, 0], server_ms[sel, 1]
+    out[name] = {"requests": int(np.sum(sel)), "latency": float(np.mean(lat[sel])),
+                 "dispatch_late": float(np.mean(late[sel])),
+                 "server_queue": float(np.mean(q)), "compute": float(np.mean(c)),
+                 "rest": float(np.mean(lat[sel] - q - c))}
   return out
 
 

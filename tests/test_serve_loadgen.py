@@ -91,6 +91,44 @@ def test_summary_counts_shed_and_failed_requests_as_slo_misses():
   assert s["shed_fraction"] == 0.25 and s["codes"] == {"-1": 1, "200": 2, "503": 1}
 
 
+def test_latency_breakdown_splits_the_tail_into_server_queue_compute_and_rest():
+  # 200 served requests: 198 at 2 ms (0.5 queued, 0.3 compute), two slow ones at 20 ms
+  # (15 queued in the server, 1 compute, sent 0.5 ms late); one shed, one without
+  # server timings (left out)
+  n = 202
+  lat = np.full(n, 0.002)
+  server = np.tile([0.5, 0.3], (n, 1))
+  late = np.zeros(n)
+  lat[[10, 20]], server[[10, 20]], late[[10, 20]] = 0.020, [15.0, 1.0], 0.0005
+  server[200] = np.nan
+  recs = [[200, 1, 0]] * n
+  recs[201] = [503, -1, 0]
+  lat[201] = np.nan
+  res = {"latency": lat, "recs": recs, "wall": 1.0, "server_ms": server, "late": late}
+  b = loadgen.summarize(res, slo_ms=5.0, images_per_request=1,
+                        labels=False)["latency_breakdown_ms"]
+  assert b["all"]["requests"] == 200 and b["tail"]["requests"] == 2
+  assert b["tail"]["latency"] == pytest.approx(20.0)
+  assert b["tail"]["server_queue"] == 15.0 and b["tail"]["compute"] == 1.0
+  assert b["tail"]["rest"] == pytest.approx(4.0) and b["tail"]["dispatch_late"] == 0.5
+  assert b["all"]["latency"] == pytest.approx((198 * 2 + 2 * 20) / 200)
+  assert b["all"]["server_queue"] == pytest.approx((198 * 0.5 + 2 * 15) / 200)
+  # a server that reports no timings: no breakdown
+  res["server_ms"] = np.full((n, 2), np.nan)
+  assert loadgen.summarize(res, slo_ms=5.0, images_per_request=1,
+                           labels=False)["latency_breakdown_ms"] == {}
+
+
+def test_server_timings_are_decoded_from_the_response_parameters():
+  gen = loadgen.LoadGen("http://127.0.0.1:1", "m", [b"{}"])
+  body = json.dumps({"model_version": 3, "parameters": {"queue_ms": 1.5,
+                                                         "compute_ms": 0.25}}).encode()
+  assert gen.decode(0, 200, body) == ([200, 3, 0], (1.5, 0.25))
+  rec, timing = gen.decode(0, 200, b'{"model_version": 3}')
+  assert rec == [200, 3, 0] and all(np.isnan(timing))
+  assert np.isnan(gen.decode(0, 503, body)[1][0])
+
+
 @contextlib.contextmanager
 def _serving(handler):
   """A threaded stdlib HTTP server with `handler`; yields its URL."""
@@ -319,6 +357,12 @@ def test_benchmark_summary_formulas(tmp_path):
   text = (tmp_path / "t.md").read_text()
   assert ("| poisson | 0.5 | D | 0.9950 | 5.00 | 4.00 | 1.25 | 100 | 0.400 | 0.500 | 0.800 |"
           " 0.600 | 1.000 | 0.800 |") in text
+  # the tail breakdown of A's and D's Poisson points, when the generator reported one
+  tail = {"requests": 3, "latency": 9.0, "dispatch_late": 0.5, "server_queue": 4.0,
+          "compute": 2.0, "rest": 3.0}
+  results["points"][2]["latency_breakdown_ms"] = {"all": {}, "tail": tail}
+  colocate_bench.write_table(results, str(tmp_path / "t.md"))
+  assert "| 0.5 | D | 9.00 | 0.50 | 4.00 | 2.00 | 3.00 |" in (tmp_path / "t.md").read_text()
   colocate_bench.plot(results, str(tmp_path / "p.png"))
   assert (tmp_path / "p.png").stat().st_size > 1000
   # B measured in each rho's round: that round's points are compared with it

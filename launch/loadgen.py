@@ -563,8 +563,9 @@ class LoadGen:
 
   def decode(self, i: int, status: int, body: bytes) -> tuple[list, tuple[float, float]]:
     """(`record`, (queue_ms, compute_ms)): the latter are the server's own account of
-    request i (its `parameters`: time queued on the device, the batch's device time),
-    NaN when absent (not a 200, or a server that does not report them)."""
+    request i (its `parameters`: from its arrival in the front end to its batch's start,
+    and the batch's device time), NaN when absent (not a 200, or a server that does not
+    report them)."""
     rec, timing = [status, -1, 0], (math.nan, math.nan)
     if status != 200:
       return rec, timing

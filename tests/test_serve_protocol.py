@@ -172,20 +172,20 @@ def test_binary_outputs_are_asked_for_and_encoded_after_the_json():
     with pytest.raises(ProtocolError, match=needle):
       parse(body(outputs=bad))
   logits = np.array([[0.5, -2.0, 3.25], [1.0, 0.0, 0.0]], np.float32)
-  r = infer_response(model_name="m", version=7, req_id=None, logits=logits,
-                     parameters={}, binary_outputs=one.binary_outputs)
-  raw, n = encode_infer_response(r)
+  r = dict(model_name="m", version=7, req_id=None, logits=logits, parameters={},
+           binary_outputs=one.binary_outputs)
+  raw, n = encode_infer_response(**r)
+  assert json.loads(raw[:n]) == json.loads(json.dumps(infer_response(**r)))
   head = json.loads(raw[:n])
   out = {o["name"]: o for o in head["outputs"]}
   assert "data" not in out["logits"] and out["logits"]["parameters"] == {
       "binary_data_size": 24}
   assert out["label"]["data"] == [2, 0]
   np.testing.assert_array_equal(np.frombuffer(raw[n:], "<f4").reshape(2, 3), logits)
-  both = infer_response(model_name="m", version=7, req_id=None, logits=logits,
-                        parameters={}, binary_outputs=frozenset({"logits", "label"}))
-  raw, n = encode_infer_response(both)
+  raw, n = encode_infer_response(model_name="m", version=7, req_id=None, logits=logits,
+                                 parameters={}, binary_outputs=frozenset({"logits", "label"}))
   assert len(raw) - n == 24 + 16
   np.testing.assert_array_equal(np.frombuffer(raw[n + 24:], "<i8"), [2, 0])
-  plain, none = encode_infer_response(infer_response(
-      model_name="m", version=7, req_id=None, logits=logits, parameters={}))
+  plain, none = encode_infer_response(model_name="m", version=7, req_id=None,
+                                      logits=logits, parameters={})
   assert none is None and json.loads(plain)["outputs"][1]["data"] == [2, 0]

@@ -54,7 +54,7 @@ from typing import Any, Optional
 from coltrain.serve import wire
 from coltrain.serve.http import Deferred, HTTPServer, Request, Response
 from coltrain.serve.protocol import (HEADER_LENGTH, ProtocolError, encode_infer_response,
-                                     header_length, infer_response, parse_infer_request)
+                                     header_length, parse_infer_request)
 from coltrain.serve.timing import clock
 
 MAX_BODY_BYTES = 16 << 20
@@ -274,14 +274,13 @@ class FrontEnd:
       return
     if code == 200:
       info = self.info
-      payload = infer_response(
+      body, json_length = encode_infer_response(
           model_name=info["model_name"], version=fields["version"], req_id=w.request_id,
           logits=fields["logits"], parameters={
               "queue_ms": round(fields["queue_ms"], 3),
               "compute_ms": round(fields["compute_ms"], 3),
               "replica": fields["replica"], "batch_size": fields["batch_size"]},
           binary_outputs=w.binary_outputs)
-      body, json_length = encode_infer_response(payload)
       if json_length is None:
         self._answer(key, Response(200, body))
       else:

@@ -42,7 +42,7 @@ import orjson
 
 DATATYPES = {"FP32": np.float32, "FP64": np.float64, "UINT8": np.uint8, "INT32": np.int32}
 MAX_DEADLINE_MS = 60_000.0
-OUTPUTS = ("logits", "label")
+OUTPUTS = {"logits": "FP32", "label": "INT64"}   # output name -> datatype, in order
 HEADER_LENGTH = "inference-header-content-length"   # the binary extension's HTTP header
 
 
@@ -210,15 +210,15 @@ def _binary_tensor(t: dict, shape: list, dtype: str, size: Any,
   if binary is None:
     raise ProtocolError("'inputs[0].parameters.binary_data_size' needs binary data: send "
                         "the JSON length in the 'Inference-Header-Content-Length' header")
-  item = np.dtype(DATATYPES[dtype]).itemsize
-  need = math.prod(shape) * item
+  little = np.dtype(DATATYPES[dtype]).newbyteorder("<")
+  need = math.prod(shape) * little.itemsize
   if not isinstance(size, int) or isinstance(size, bool) or size != need:
     raise ProtocolError(f"'inputs[0].parameters.binary_data_size' must be {need} "
                         f"(shape {shape} of {dtype}), got {size!r}")
   if len(binary) != size:
     raise ProtocolError(f"the body holds {len(binary)} bytes of binary data after the "
                         f"JSON; 'binary_data_size' says {size}")
-  arr = np.frombuffer(binary, np.dtype(DATATYPES[dtype]).newbyteorder("<"))
+  arr = np.frombuffer(binary, little)
   if dtype in ("FP32", "FP64") and not np.isfinite(arr).all():
     raise ProtocolError("'inputs[0]' binary data holds a non-finite value (NaN or Infinity)")
   return arr.astype(np.float32).reshape(shape)
@@ -229,38 +229,51 @@ def dumps(obj: Any) -> bytes:
   return orjson.dumps(obj, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
-def infer_response(*, model_name: str, version: int, req_id: Optional[str],
-                   logits: np.ndarray, parameters: dict[str, Any],
-                   binary_outputs: frozenset = frozenset()) -> dict[str, Any]:
-  """The KServe v2 response object for one request's `logits` (n, K). An output named
-  in `binary_outputs` gets `parameters.binary_data_size` instead of `data`, and its
-  bytes under the key `_binary` (see `encode_infer_response`)."""
+def _response_parts(*, model_name: str, version: int, req_id: Optional[str],
+                    logits: np.ndarray, parameters: dict[str, Any],
+                    binary_outputs: frozenset) -> tuple[dict[str, Any], list[bytes]]:
+  """(response object, raw bytes of the outputs in `binary_outputs`, in output order)."""
   logits = np.ascontiguousarray(logits, np.float32)
   values = {"logits": logits, "label": np.argmax(logits, axis=-1).astype(np.int64)}
-  outputs = []
-  for name, datatype in (("logits", "FP32"), ("label", "INT64")):
+  outputs, blobs = [], []
+  for name, datatype in OUTPUTS.items():
     x = values[name]
     out = {"name": name, "datatype": datatype, "shape": list(x.shape)}
     if name in binary_outputs:
-      blob = x.astype(x.dtype.newbyteorder("<"), copy=False).tobytes()
-      out["parameters"] = {"binary_data_size": len(blob)}
-      out["_binary"] = blob
+      blobs.append(x.astype(x.dtype.newbyteorder("<"), copy=False).tobytes())
+      out["parameters"] = {"binary_data_size": len(blobs[-1])}
     else:
       out["data"] = x.ravel().tolist()
     outputs.append(out)
-  out = {"model_name": model_name, "model_version": str(version), "outputs": outputs,
+  obj = {"model_name": model_name, "model_version": str(version), "outputs": outputs,
          "parameters": parameters}
   if req_id is not None:
-    out["id"] = req_id
-  return out
+    obj["id"] = req_id
+  return obj, blobs
 
 
-def encode_infer_response(response: dict[str, Any]) -> tuple[bytes, Optional[int]]:
-  """(body, JSON length) of an `infer_response` object: outputs with binary data leave
-  their bytes after the JSON, in output order, and the JSON length is the
-  `Inference-Header-Content-Length` to send; with none, (JSON, None)."""
-  blobs = [out.pop("_binary") for out in response["outputs"] if "_binary" in out]
-  head = dumps(response)
+def infer_response(*, model_name: str, version: int, req_id: Optional[str],
+                   logits: np.ndarray, parameters: dict[str, Any],
+                   binary_outputs: frozenset = frozenset()) -> dict[str, Any]:
+  """The KServe v2 response object (the JSON part) for one request's `logits` (n, K):
+  an output named in `binary_outputs` has `parameters.binary_data_size` instead of
+  `data` (its bytes: `encode_infer_response`)."""
+  return _response_parts(model_name=model_name, version=version, req_id=req_id,
+                         logits=logits, parameters=parameters,
+                         binary_outputs=binary_outputs)[0]
+
+
+def encode_infer_response(*, model_name: str, version: int, req_id: Optional[str],
+                          logits: np.ndarray, parameters: dict[str, Any],
+                          binary_outputs: frozenset = frozenset()
+                          ) -> tuple[bytes, Optional[int]]:
+  """(body, JSON length) of the response `infer_response` describes: the outputs in
+  `binary_outputs` leave their bytes after the JSON, in output order, and the JSON
+  length is the `Inference-Header-Content-Length` to send; with none, (JSON, None)."""
+  obj, blobs = _response_parts(model_name=model_name, version=version, req_id=req_id,
+                               logits=logits, parameters=parameters,
+                               binary_outputs=binary_outputs)
+  head = dumps(obj)
   if not blobs:
     return head, None
   return b"".join([head, *blobs]), len(head)

@@ -106,3 +106,31 @@ def test_front_end_writes_a_loop_pass_of_requests_at_once_and_accounting_first()
     os.close(fd)
 
   asyncio.run(main())
+
+
+def test_reader_recv_reassembles_messages_split_across_reads_and_reports_end_of_stream():
+  mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+  mine.setblocking(False)
+  reader = wire.Reader()
+  images = np.arange(2 * 4, dtype=np.float32).reshape(2, 2, 2, 1)
+  stream = wire.infer(3, 0.25, 15.0, images) + wire.count(404)
+  try:
+    try:                                    # nothing to read yet: the socket's error
+      reader.recv(mine)
+      raise AssertionError("recv on an empty non-blocking socket must raise")
+    except BlockingIOError:
+      pass
+    theirs.sendall(stream[:11])             # a partial INFER completes nothing
+    assert reader.recv(mine) == []
+    theirs.sendall(stream[11:])
+    (k1, p1), (k2, p2) = reader.recv(mine)
+    assert (k1, k2) == (wire.INFER, wire.COUNT)
+    key, arrival, deadline_ms, got = wire.read_infer(p1, (2, 2, 1))
+    assert (key, arrival, deadline_ms) == (3, 0.25, 15.0)
+    np.testing.assert_array_equal(got, images)
+    assert wire.read_count(p2) == 404
+    assert isinstance(p1, bytes)            # payloads outlive the reused receive buffer
+    theirs.close()
+    assert reader.recv(mine) is None
+  finally:
+    mine.close()

@@ -288,14 +288,14 @@ class FrontEndProcess:
                 wire.READY: lambda p: self._ready.set(), wire.FSHED: self._front_shed}
     while True:
       try:
-        data = sock.recv(1 << 20)
+        messages = reader.recv(sock)
       except OSError:
-        data = b""
-      if not data:
+        messages = None
+      if messages is None:
         if self.proc is not None and self.proc.poll() not in (None, 0):
           self.error = f"the HTTP front end exited with status {self.proc.returncode}"
         return
-      for kind, payload in reader.feed(data):
+      for kind, payload in messages:
         self._handle(handlers, kind, payload)
 
   def _handle(self, handlers, kind: int, payload: bytes) -> None:
@@ -323,15 +323,15 @@ class FrontEndProcess:
       if sock not in ready:
         return
     try:
-      data = sock.recv(1 << 20)
+      messages = self._data_reader.recv(sock)
     except BlockingIOError:
       return
     except OSError:
-      data = b""
-    if not data:
+      messages = None
+    if messages is None:
       self._data_eof = True
       return
-    for kind, payload in self._data_reader.feed(data):
+    for kind, payload in messages:
       self._handle(self._data_handlers, kind, payload)
 
   def wake(self) -> None:

@@ -205,15 +205,13 @@ class DeviceScheduler:
     cached = self._bucket_cache
     if cached is not None and cached[0] == version:
       return cached[1]
-    table, smaller = {}, []
+    table, per_image = {}, math.inf   # the least per-image estimate of buckets <= b
+    predict = self.timer.predict
     for b in self.predictor.buckets:
-      best = self.timer.predict(b, math.inf)
-      for small, t in smaller:
-        best = min(best, t * b / small)
-      own = self.timer.predict(b)
+      own = predict(b)
       if own is not None:
-        smaller.append((b, own))
-      table[b] = 0.0 if best == math.inf else best
+        per_image = min(per_image, own / b)
+      table[b] = 0.0 if per_image == math.inf else per_image * b
     self._bucket_cache = (version, table)
     return table
 

@@ -72,13 +72,30 @@ def _unpack_str(buf, off: int) -> tuple[bytes, int]:
   return bytes(buf[off:off + n]), off + n
 
 
+RECV_BYTES = 1 << 20   # the most one `Reader.recv` reads
+
+
 class Reader:
   """Splits a byte stream into (kind, payload bytes) messages."""
 
   def __init__(self):
     self._buf = bytearray()
+    self._recv_buf: Optional[bytearray] = None
 
-  def feed(self, data: bytes) -> list[tuple[int, bytes]]:
+  def recv(self, sock) -> Optional[list[tuple[int, bytes]]]:
+    """Reads what `sock` has (up to RECV_BYTES, into a buffer kept for the next call;
+    `sock.recv(1 << 20)` allocated and shrank a 1 MiB bytes object per call, ~14 us)
+    and returns the messages it completes; None at end of stream. Raises what
+    `recv_into` raises (`BlockingIOError` on a non-blocking socket with nothing to
+    read, `OSError`)."""
+    if self._recv_buf is None:
+      self._recv_buf = bytearray(RECV_BYTES)
+    n = sock.recv_into(self._recv_buf)
+    if not n:
+      return None
+    return self.feed(memoryview(self._recv_buf)[:n])
+
+  def feed(self, data) -> list[tuple[int, bytes]]:
     """The messages completed by `data` (a partial one waits for the rest)."""
     buf = self._buf
     buf += data

@@ -10,18 +10,20 @@ processes on 127.0.0.1:
                           process T (the same trainer, its own process) training at once
   (D) coltrain            S serving and training in its idle cycles (one scheduler)
 S and T are `launch.serve` processes (`configs/serve.py`); configurations are switched
-with the `/coltrain/training` pause/resume endpoint, so A, C and D share one warmed-up
-server and are measured round-robin at every load (the order rotates), which keeps slow
-drifts of a shared machine from favouring one of them.
+with the `/coltrain/training` pause/resume endpoint, so A, B, C and D share one
+warmed-up server and are measured in turn at every load, in two mirrored halves (e.g.
+A C D B | B D C A, the first order rotating with rho), so that every configuration's
+measurement sits at the same mean time and a drift of the shared machine's speed
+(+-15 % within minutes here) favours none of them.
 
 Steps: (1) SLO = 5 x the median latency of isolated batch-1 requests (one at a time,
 25/s, so each finds the server idle) to a fresh inference-only server (unless
 --slo_ms); (2) capacity = the best goodput (requests/s served within the SLO) of a
 closed loop at 1, 2, 4, 8 or 16 concurrent clients on (A); (3) B's training
 samples/s; (4) for each rho in {0.1, 0.3, 0.5, 0.7, 0.9}: open-loop Poisson load at
-rho x capacity on A, C and D (and bursty Gamma CV 2 load on A and D), then B again: each
-rho's retention is against the B of its own round (a shared machine's speed drifts over
-the sweep; a B from minutes away would bias the ratio);
+rho x capacity on A, C and D and B's training alone, each in the two halves above
+(a point summarizes both halves' requests together), then bursty Gamma CV 2 load on A
+and D; each rho's retention is against the B of its own round;
 (5) overload at rho = 1.5 on D and A; (6) 1,000 malformed requests, then a health check and a
 valid request. Training throughput is the servers' `coltrain_train_samples_total` rate
 over the exact arrival window of each run (sampled 5 times a second); U (inference busy
@@ -59,10 +61,13 @@ from typing import Optional
 
 import numpy as np
 
+from launch import loadgen
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RHOS = (0.1, 0.3, 0.5, 0.7, 0.9)
 STANDALONE_RATE = 25.0   # req/s of the isolated batch-1 requests that set the SLO
 OVERLOAD_RHO = 1.5
+ROUND_ORDER = ("A", "C", "D", "B")   # a rho's round: this order, then mirrored
 
 
 def log(msg: str) -> None:
@@ -267,7 +272,12 @@ def main(argv=None) -> int:
                       "(serve.device_cpus); the load generators and the metrics poller "
                       "run on the others. 'auto': the last allowed core if there are >= 2, "
                       "'' for no split")
+  p.add_argument("--render_only", action="store_true",
+                 help="measure nothing: recompute the summary, results.md and colocate.png "
+                      "from the raw points of an existing --out results.json")
   a = p.parse_args(argv)
+  if a.render_only:
+    return render(a.out)
   rhos = [float(r) for r in a.rhos.split(",")]
   if any(r <= 0 for r in rhos):
     p.error("--rhos must be positive")
@@ -345,12 +355,12 @@ def main(argv=None) -> int:
     results["capacity"] = {"rps": capacity, "closed_loop": cap}
     log(f"capacity {capacity:.0f} req/s")
 
-    # (3) B: training only (measured again at the end; the mean is used)
-    def measure_b(tag: str) -> float:
+    # (3) B: training only (measured again in every round; each round uses its own)
+    def measure_b(tag: str, seconds: float = duration) -> float:
       S.training(True)
       time.sleep(1.0)
       t0 = time.time()
-      time.sleep(duration)
+      time.sleep(seconds)
       t1 = time.time()
       S.training(False)
       sps = poll.rate("S:coltrain_train_samples_total", t0, t1)
@@ -361,26 +371,22 @@ def main(argv=None) -> int:
 
     b_runs = [{"tag": "before", "train_samples_per_s": measure_b("before")}]
 
-    def point(cfg: str, rho: float, arrival: str) -> dict:
+    def point(cfg: str, rho: float, arrival: str, seconds: float = duration,
+              seed: int = a.seed, raw_out: Optional[str] = None) -> dict:
       S.training(cfg == "D")
       T.training(cfg == "C")
       time.sleep(0.5)
       r = run_loadgen(S.url, lg_common + [
           "--mode", "open", "--rate", str(rho * capacity), "--arrival", arrival,
-          "--duration", str(duration), "--slo_ms", str(slo_ms), "--seed", str(a.seed)],
-          duration + 180)
+          "--duration", str(seconds), "--slo_ms", str(slo_ms), "--seed", str(seed)] + (
+          ["--raw_out", raw_out] if raw_out else []), seconds + 180)
       S.training(False)
       T.training(False)
       w0, w1 = r["window_unix"]
       time.sleep(0.3)
       rec = {"config": cfg, "rho": rho, "arrival": arrival, "rate_rps": rho * capacity,
              "loadavg_1m": round(os.getloadavg()[0], 2), **r}
-      rec["inference_busy_fraction"] = poll.rate(
-          'S:coltrain_inference_busy_seconds_total{replica="0"}', w0, w1)
-      rec["device_busy_fraction"] = device_busy(poll, "S", w0, w1)
-      who = {"C": "T", "D": "S"}.get(cfg)
-      rec["train_samples_per_s"] = (poll.rate(f"{who}:coltrain_train_samples_total", w0, w1)
-                                    if who else 0.0)
+      rec.update(window_metrics(poll, cfg, w0, w1))
       rec.pop("args", None)
       lat = r.get("latency_ms", {})
       log(f"{cfg} rho={rho} {arrival}: p50 {lat.get('p50', float('nan')):.2f} p99 "
@@ -389,16 +395,29 @@ def main(argv=None) -> int:
           f"U {rec['inference_busy_fraction'] or 0:.3f}, load {rec['loadavg_1m']}")
       return rec
 
-    # (4) the load sweep, round-robin over A, C, D with a rotating order
-    orders = (("A", "C", "D"), ("C", "D", "A"), ("D", "A", "C"))
+    # (4) the load sweep. Each rho's Poisson round measures A, B, C and D in two halves
+    # of `duration` / 2, in mirrored order (e.g. A C D B | B D C A, the first order
+    # rotating with rho), so every configuration's halves sit at the same mean time:
+    # a drift of the shared VM's speed during the round (+-15 % within minutes) biases
+    # none of them against another. A point is its halves' requests summarized together.
+    half = duration / 2
     for i, rho in enumerate(rhos):
-      for cfg in orders[i % 3]:
-        results["points"].append(point(cfg, rho, "poisson"))
+      order = ROUND_ORDER[i % 4:] + ROUND_ORDER[:i % 4]
+      halves: dict[str, list] = {cfg: [] for cfg in order}
+      for k, cfg in enumerate(order + order[::-1]):
+        if cfg == "B":
+          halves["B"].append(measure_b(f"rho={rho} half {len(halves['B']) + 1}", half))
+          continue
+        raw = os.path.join(work, f"{cfg}_{rho}_{k}.npz")
+        rec = point(cfg, rho, "poisson", half, a.seed + k, raw)
+        halves[cfg].append((rec, loadgen.load_raw(raw)))
+      for cfg in ("A", "C", "D"):
+        results["points"].append(merge_halves(halves[cfg], slo_ms))
+      b_runs.append({"tag": f"rho={rho}", "rho": rho, "halves": halves["B"],
+                     "train_samples_per_s": float(np.mean(halves["B"]))})
       if not a.quick or rho == 0.5:
         for cfg in ("A", "D") if i % 2 == 0 else ("D", "A"):
           results["points"].append(point(cfg, rho, "gamma"))
-      b_runs.append({"tag": f"rho={rho}", "rho": rho,
-                     "train_samples_per_s": measure_b(f"rho={rho}")})
       note_load(f"rho={rho}")
 
     results["B"] = {"train_samples_per_s": float(np.mean([r["train_samples_per_s"]
@@ -426,12 +445,76 @@ def main(argv=None) -> int:
       "note": "CPU-only machine: the servers' device work (XLA, schedulers) runs on the "
               "device cores, their HTTP front ends and the load generator on the host "
               "cores"}
-  with open(a.out, "w") as f:
+  write_outputs(results, a.out)
+  log(f"wrote {a.out} in {time.time() - t_begin:.0f} s")
+  return 0
+
+
+def write_outputs(results: dict, out: str) -> None:
+  """`out` (results.json) and, beside it, results.md and colocate.png."""
+  out_dir = os.path.dirname(os.path.abspath(out))
+  with open(out, "w") as f:
     json.dump(results, f, indent=1)
   write_table(results, os.path.join(out_dir, "results.md"))
   plot(results, os.path.join(out_dir, "colocate.png"))
-  log(f"wrote {a.out} in {time.time() - t_begin:.0f} s")
+
+
+def render(out: str) -> int:
+  """`--render_only`: the summary, table and plot of `out`'s raw points, recomputed with
+  this version's definitions (the raw points are kept as they are)."""
+  try:
+    with open(out) as f:
+      results = json.load(f)
+  except (OSError, ValueError) as e:
+    raise SystemExit(f"colocate_bench: cannot read {out}: {e}")
+  if not isinstance(results, dict) or "points" not in results:
+    raise SystemExit(f"colocate_bench: {out} has no raw 'points' to render")
+  results["summary"] = summarize(results)
+  write_outputs(results, out)
+  log(f"rendered {out} from {len(results['points'])} points")
   return 0
+
+
+def window_metrics(poll: Poller, cfg: str, t0: float, t1: float) -> dict:
+  """The server counters' rates over one load window [t0, t1] (unix s) of `cfg`:
+  inference_busy_fraction and device_busy_fraction of S (the server under test),
+  train_samples_per_s of the training process (S for D, T for C, 0 for A)."""
+  who = {"C": "T", "D": "S"}.get(cfg)
+  return {"inference_busy_fraction": poll.rate(
+              'S:coltrain_inference_busy_seconds_total{replica="0"}', t0, t1),
+          "device_busy_fraction": device_busy(poll, "S", t0, t1),
+          "train_samples_per_s": (poll.rate(f"{who}:coltrain_train_samples_total", t0, t1)
+                                  if who else 0.0)}
+
+
+MERGED_RATES = ("inference_busy_fraction", "device_busy_fraction", "train_samples_per_s")
+
+
+def merge_halves(halves: list[tuple[dict, dict]], slo_ms: float) -> dict:
+  """One point from several runs of one configuration and load: `halves` = (point
+  record, `loadgen.load_raw` record) per run. Latency, SLO attainment, shedding and the
+  tail breakdown are of all their requests together (`loadgen.summarize`); the counter
+  rates are time-weighted means over the runs' windows (None if any run lacks one);
+  `halves` keeps each run's own figures."""
+  recs = [rec for rec, _ in halves]
+  first = recs[0]
+  merged = loadgen.summarize(loadgen.merge_raw([raw for _, raw in halves]), slo_ms=slo_ms,
+                             images_per_request=1, labels=True)
+  spans = [rec["window_unix"][1] - rec["window_unix"][0] for rec in recs]
+  out = {"config": first["config"], "rho": first["rho"], "arrival": first["arrival"],
+         "rate_rps": first["rate_rps"],
+         "loadavg_1m": round(float(np.mean([rec["loadavg_1m"] for rec in recs])), 2),
+         **merged}
+  for key in MERGED_RATES:
+    vals = [rec.get(key) for rec in recs]
+    out[key] = (None if any(v is None for v in vals)
+                else float(np.average(vals, weights=spans)) if sum(spans) > 0
+                else float(np.mean(vals)))
+  out["halves"] = [{"window_unix": rec["window_unix"], "requests": rec.get("requests"),
+                    "slo_attainment": rec.get("slo_attainment"),
+                    "p99_ms": rec.get("latency_ms", {}).get("p99"),
+                    **{key: rec.get(key) for key in MERGED_RATES}} for rec in recs]
+  return out
 
 
 def device_busy(poll: Poller, server: str, t0: float, t1: float) -> Optional[float]:
@@ -482,9 +565,11 @@ def summarize(results: dict) -> list[dict]:
   time of its batches), and with a device/host split harvest_efficiency_device
   (retention / (1 - U_device), U_device = the busy fraction of A's device cores: every
   cycle the emulated device spent serving, batching and admission included) and
-  harvest_bound = (1 - U_device) / (1 - U): the harvest_efficiency that training on every
-  idle device cycle at B's speed would reach, the most any scheduler can against U
-  (retention <= 1 - U_device)."""
+  harvest_from_idle = (1 - U_device) / (1 - U): the harvest_efficiency of training at
+  B's speed on exactly the device cycles A leaves idle. It is a reference, not a bound:
+  the configuration's own inference can cost less device time than A's (D serves the
+  requests that arrive during a training chunk as one larger batch), which `U_own`, the
+  configuration's own inference busy fraction, shows."""
   out = []
   pts = results["points"]
   keys = sorted({(p["rho"], p["arrival"]) for p in pts}, key=lambda k: (k[1] != "poisson", k))
@@ -496,7 +581,7 @@ def summarize(results: dict) -> list[dict]:
     u_dev = a.get("device_busy_fraction")
     a_p99 = a.get("latency_ms", {}).get("p99", float("nan"))
     b = b_for(results, rho)
-    bound = (1.0 - u_dev) / (1.0 - u) if u_dev is not None and u < 1 else None
+    from_idle = (1.0 - u_dev) / (1.0 - u) if u_dev is not None and u < 1 else None
     for cfg in ("D", "C"):
       x = _get(pts, cfg, rho, arrival)
       if x is None:
@@ -512,7 +597,8 @@ def summarize(results: dict) -> list[dict]:
           "U_device": u_dev,
           "harvest_efficiency_device": (retention / (1.0 - u_dev)
                                         if u_dev is not None and u_dev < 1 else None),
-          "harvest_bound": bound,
+          "harvest_from_idle": from_idle,
+          "U_own": x.get("inference_busy_fraction"),
           "slo_attainment_A": a.get("slo_attainment"),
           "shed_fraction": x.get("shed_fraction")})
   return out
@@ -524,9 +610,9 @@ def write_table(results: dict, path: str) -> None:
            f"its runs; retention uses each rho's own B)", "",
            "| arrival | rho | config | SLO attainment | p99 (ms) | p99 of A (ms) | p99 inflation"
            " | B (samples/s) | retention | U (A) | harvest efficiency | U_device (A) |"
-           " harvest (device) | harvest bound | A's SLO attainment |",
+           " harvest (device) | harvest from idle | U (own) | A's SLO attainment |",
            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
-           " --- |"]
+           " --- | --- |"]
   opt = lambda x: "n/a" if x is None else f"{x:.3f}"
   for s in results["summary"]:
     lines.append(
@@ -534,8 +620,8 @@ def write_table(results: dict, path: str) -> None:
         f"{s['p99_ms']:.2f} | {s['p99_A_ms']:.2f} | {s['p99_inflation']:.2f} | "
         f"{s['B_samples_per_s']:.0f} | {s['retention']:.3f} | {s['U']:.3f} | "
         f"{s['harvest_efficiency']:.3f} | {opt(s.get('U_device'))} | "
-        f"{opt(s.get('harvest_efficiency_device'))} | {opt(s.get('harvest_bound'))} | "
-        f"{s['slo_attainment_A']:.4f} |")
+        f"{opt(s.get('harvest_efficiency_device'))} | {opt(s.get('harvest_from_idle'))} | "
+        f"{opt(s.get('U_own'))} | {s['slo_attainment_A']:.4f} |")
   tails = [p for p in results["points"]
            if p.get("latency_breakdown_ms", {}).get("tail") and p["config"] in ("A", "D")
            and p["arrival"] == "poisson"]

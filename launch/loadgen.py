@@ -629,6 +629,44 @@ class LoadGen:
     return self.closed_loop(1, math.inf, max_requests=requests)
 
 
+def save_raw(res: dict, path: str) -> None:
+  """Writes an open-loop run's per-request record (`open_loop`'s result) to `path`
+  (.npz), so that several runs can be summarized as one (`load_raw`, `merge_raw`)."""
+  if "server_ms" not in res:
+    raise ValueError("save_raw takes an open-loop run with at least one request")
+  np.savez(path, latency=np.asarray(res["latency"], float),
+           recs=np.asarray(res["recs"], np.int64).reshape(-1, 3),
+           late=np.asarray(res["late"], float), server_ms=np.asarray(res["server_ms"], float),
+           wall=float(res["wall"]), window_unix=np.asarray(res["window_unix"], float))
+
+
+def load_raw(path: str) -> dict:
+  """The run `save_raw` wrote, in `open_loop`'s form."""
+  with np.load(path) as z:
+    return {"latency": z["latency"], "recs": z["recs"].tolist(), "late": z["late"],
+            "server_ms": z["server_ms"], "wall": float(z["wall"]),
+            "window_unix": z["window_unix"].tolist()}
+
+
+def merge_raw(runs: list[dict]) -> dict:
+  """Several open-loop runs as one, for `summarize`: their requests together, `wall`
+  the sum of their walls (throughput = served / time under load), `window_unix` from
+  the first start to the last end."""
+  if not runs:
+    raise ValueError("merge_raw needs at least one run")
+  late = np.concatenate([np.asarray(r["late"], float) for r in runs])
+  return {"latency": np.concatenate([np.asarray(r["latency"], float) for r in runs]),
+          "recs": [rec for r in runs for rec in r["recs"]], "late": late,
+          "server_ms": np.concatenate([np.asarray(r["server_ms"], float).reshape(-1, 2)
+                                       for r in runs]),
+          "wall": float(sum(r["wall"] for r in runs)),
+          "window_unix": [min(r["window_unix"][0] for r in runs),
+                          max(r["window_unix"][1] for r in runs)],
+          "late_ms": {"p50": float(np.nanmedian(late) * 1e3),
+                      "p99": float(np.nanpercentile(late, 99) * 1e3),
+                      "max": float(np.nanmax(late) * 1e3)}}
+
+
 def summarize(res: dict, *, slo_ms: Optional[float], images_per_request: int,
               labels: bool) -> dict:
   lat = np.asarray(res["latency"], float)
@@ -753,6 +791,8 @@ def main(argv=None) -> int:
   p.add_argument("--timeout", type=float, default=30.0)
   p.add_argument("--cpus", help="pin this process to these CPU ids first: 0, 0,1, 0-3")
   p.add_argument("--out")
+  p.add_argument("--raw_out", help="open loop: also write every request's record here "
+                                   "(.npz; see save_raw)")
   a = p.parse_args(argv)
   if a.cpus is not None:
     try:
@@ -766,6 +806,8 @@ def main(argv=None) -> int:
       a.rate = a.rho * a.capacity
     if a.rate <= 0:
       p.error(f"the request rate must be > 0, got {a.rate}")
+  if a.raw_out and a.mode != "open":
+    p.error("--raw_out records open-loop runs only")
   if a.images_per_request < 1:
     p.error("--images_per_request must be >= 1")
   for flag in ("requests", "concurrency", "connections"):
@@ -786,6 +828,8 @@ def main(argv=None) -> int:
   if a.mode == "open":
     offsets = arrival_times(a.rate, a.duration, a.arrival, a.cv, a.seed)
     res = gen.open_loop(offsets, a.connections)
+    if a.raw_out:
+      save_raw(res, a.raw_out)
   elif a.mode == "closed":
     res = gen.closed_loop(a.concurrency, a.duration)
   else:

@@ -305,6 +305,38 @@ def test_main_writes_the_summary(tmp_path, capsys):
   assert out["codes"] == {"200": 3} and out["versions"]["max"] == 3
 
 
+def test_open_loop_raw_record_round_trips_and_merged_runs_summarize_as_one(tmp_path):
+  with _serving(_Fast) as (url, _):
+    assert loadgen.main(["--url", url, "--rate", "200", "--duration", "0.1", "--slo_ms",
+                         "1000", "--raw_out", str(tmp_path / "r.npz")]) == 0
+  run = loadgen.load_raw(str(tmp_path / "r.npz"))
+  n = len(run["recs"])
+  assert n > 5 and run["latency"].shape == (n,) and run["server_ms"].shape == (n, 2)
+  assert all(r[0] == 200 for r in run["recs"]) and run["wall"] > 0
+  with pytest.raises(SystemExit):               # the record is of open-loop runs only
+    loadgen.main(["--url", url, "--mode", "closed", "--raw_out", str(tmp_path / "x.npz")])
+  # two runs merged: their requests together, their walls summed, one window
+  nan2 = np.full((2, 2), np.nan)
+  one = {"latency": np.array([0.001, 0.003]), "recs": [[200, 1, 1], [200, 1, 0]],
+         "late": np.array([0.0, 0.001]), "server_ms": nan2, "wall": 2.0,
+         "window_unix": [100.0, 102.0]}
+  two = {"latency": np.array([0.002, np.nan]), "recs": [[200, 2, 1], [503, -1, 0]],
+         "late": np.array([0.0, 0.0]), "server_ms": nan2, "wall": 1.0,
+         "window_unix": [110.0, 111.0]}
+  loadgen.save_raw(one, str(tmp_path / "one.npz"))
+  back = loadgen.load_raw(str(tmp_path / "one.npz"))
+  np.testing.assert_array_equal(back["latency"], one["latency"])
+  assert back["recs"] == one["recs"] and back["window_unix"] == [100.0, 102.0]
+  both = loadgen.merge_raw([back, two])
+  s = loadgen.summarize(both, slo_ms=2.5, images_per_request=1, labels=True)
+  assert s["requests"] == 4 and s["codes"] == {"200": 3, "503": 1}
+  assert s["slo_attainment"] == 0.5 and s["slo_attainment_admitted"] == pytest.approx(2 / 3)
+  assert s["throughput_rps"] == pytest.approx(1.0) and s["window_unix"] == [100.0, 111.0]
+  assert s["accuracy"] == pytest.approx(2 / 3) and s["versions"]["distinct"] == 2
+  with pytest.raises(ValueError):
+    loadgen.merge_raw([])
+
+
 def test_cpus_are_parsed_and_validated(capsys):
   assert loadgen.parse_cpus("0") == {0}
   n = os.cpu_count()
@@ -350,13 +382,14 @@ def test_benchmark_summary_formulas(tmp_path):
   assert c["harvest_efficiency"] == pytest.approx(0.6) and d["slo_attainment"] == 0.995
   # against the device cores' idle fraction (1 - 0.6) instead of (1 - U)
   assert d["U_device"] == 0.6 and d["harvest_efficiency_device"] == pytest.approx(1.0)
-  # the most any scheduler could harvest against U: every idle device cycle trained
-  assert d["harvest_bound"] == pytest.approx(0.8) and d["B_samples_per_s"] == 100.0
+  # training at B's speed on exactly A's idle device cycles, against U; D's own U
+  assert d["harvest_from_idle"] == pytest.approx(0.8) and d["B_samples_per_s"] == 100.0
+  assert d["U_own"] == 0.2
   results["summary"] = summary
   colocate_bench.write_table(results, str(tmp_path / "t.md"))
   text = (tmp_path / "t.md").read_text()
   assert ("| poisson | 0.5 | D | 0.9950 | 5.00 | 4.00 | 1.25 | 100 | 0.400 | 0.500 | 0.800 |"
-          " 0.600 | 1.000 | 0.800 |") in text
+          " 0.600 | 1.000 | 0.800 | 0.200 |") in text
   # the tail breakdown of A's and D's Poisson points, when the generator reported one
   tail = {"requests": 3, "latency": 9.0, "dispatch_late": 0.5, "server_queue": 4.0,
           "compute": 2.0, "rest": 3.0}
@@ -371,6 +404,52 @@ def test_benchmark_summary_formulas(tmp_path):
   assert d["harvest_efficiency"] == pytest.approx(1.0)
   colocate_bench.plot(results, str(tmp_path / "p.png"))
   assert (tmp_path / "p.png").stat().st_size > 1000
+
+
+def test_render_only_recomputes_summary_table_and_plot_from_raw_points(tmp_path):
+  out = tmp_path / "results.json"
+  raw = {"B": {"train_samples_per_s": 100.0}, "slo_ms": 10.0, "capacity": {"rps": 500.0},
+         "points": [_point("A", 0.5, 4.0, 0.0, busy=0.5, device_busy=0.6),
+                    _point("C", 0.5, 8.0, 30.0), _point("D", 0.5, 5.0, 40.0)],
+         "overload": [], "conditions": {"loadavg": []},
+         "summary": [{"stale": True}]}           # e.g. written by an older version
+  out.write_text(json.dumps(raw))
+  assert colocate_bench.main(["--render_only", "--out", str(out)]) == 0
+  got = json.loads(out.read_text())
+  assert got["points"] == raw["points"]          # raw points kept as they are
+  d = next(s for s in got["summary"] if s.get("config") == "D")
+  assert d["harvest_efficiency"] == pytest.approx(0.8) and "stale" not in got["summary"][0]
+  assert "| poisson | 0.5 | D |" in (tmp_path / "results.md").read_text()
+  assert (tmp_path / "colocate.png").stat().st_size > 1000
+  # bad input: a clear error, the file untouched
+  bad = tmp_path / "bad.json"
+  bad.write_text('{"summary": []}')
+  with pytest.raises(SystemExit, match="no raw 'points'"):
+    colocate_bench.main(["--render_only", "--out", str(bad)])
+  assert bad.read_text() == '{"summary": []}'
+  with pytest.raises(SystemExit, match="cannot read"):
+    colocate_bench.main(["--render_only", "--out", str(tmp_path / "missing.json")])
+
+
+def test_halves_merge_into_one_point_with_time_weighted_counter_rates():
+  def half(t0, t1, busy, train, lat):
+    rec = {"config": "D", "rho": 0.5, "arrival": "poisson", "rate_rps": 100.0,
+           "loadavg_1m": 1.0, "window_unix": [t0, t1], "requests": len(lat),
+           "slo_attainment": 1.0, "latency_ms": {"p99": 1.0},
+           "inference_busy_fraction": busy, "device_busy_fraction": None,
+           "train_samples_per_s": train}
+    raw = {"latency": np.array(lat), "recs": [[200, 1, 1]] * len(lat),
+           "late": np.zeros(len(lat)), "server_ms": np.full((len(lat), 2), np.nan),
+           "wall": t1 - t0, "window_unix": [t0, t1]}
+    return rec, raw
+  p = colocate_bench.merge_halves([half(0.0, 10.0, 0.4, 100.0, [0.001, 0.020]),
+                                   half(30.0, 60.0, 0.6, 200.0, [0.002, 0.003])], 10.0)
+  assert p["config"] == "D" and p["requests"] == 4 and p["slo_attainment"] == 0.75
+  # rates weighted by the windows' lengths (10 s and 30 s); a missing one stays missing
+  assert p["inference_busy_fraction"] == pytest.approx(0.55)
+  assert p["train_samples_per_s"] == pytest.approx(175.0) and p["device_busy_fraction"] is None
+  assert [h["train_samples_per_s"] for h in p["halves"]] == [100.0, 200.0]
+  assert p["window_unix"] == [0.0, 60.0] and p["throughput_rps"] == pytest.approx(0.1)
 
 
 def test_malformed_request_set_covers_many_kinds():

@@ -607,9 +607,7 @@ class LoadGen:
     return {"latency": latency, "recs": recs, "wall": float(np.nanmax(done) - t0),
             "late": late, "server_ms": server_ms,
             "window_unix": [t0_unix, t0_unix + float(offsets[-1])],  # arrivals
-            "late_ms": {"p50": float(np.nanmedian(late) * 1e3),
-                        "p99": float(np.nanpercentile(late, 99) * 1e3),
-                        "max": float(np.nanmax(late) * 1e3)}}
+            "late_ms": late_ms(late)}
 
   def closed_loop(self, concurrency: int, duration: float,
                   max_requests: Optional[int] = None) -> dict:
@@ -627,6 +625,13 @@ class LoadGen:
   def sequential(self, requests: int) -> dict:
     """One request at a time, `requests` of them."""
     return self.closed_loop(1, math.inf, max_requests=requests)
+
+
+def late_ms(late_s: np.ndarray) -> dict:
+  """p50 / p99 / max (ms) of how late the generator sent its requests (seconds each)."""
+  return {"p50": float(np.nanmedian(late_s) * 1e3),
+          "p99": float(np.nanpercentile(late_s, 99) * 1e3),
+          "max": float(np.nanmax(late_s) * 1e3)}
 
 
 def save_raw(res: dict, path: str) -> None:
@@ -662,9 +667,7 @@ def merge_raw(runs: list[dict]) -> dict:
           "wall": float(sum(r["wall"] for r in runs)),
           "window_unix": [min(r["window_unix"][0] for r in runs),
                           max(r["window_unix"][1] for r in runs)],
-          "late_ms": {"p50": float(np.nanmedian(late) * 1e3),
-                      "p99": float(np.nanpercentile(late, 99) * 1e3),
-                      "max": float(np.nanmax(late) * 1e3)}}
+          "late_ms": late_ms(late)}
 
 
 def summarize(res: dict, *, slo_ms: Optional[float], images_per_request: int,

@@ -486,3 +486,60 @@ def test_binary_requests_carry_the_same_images_as_json_requests():
   for a, b, i in zip(*got, range(3)):
     np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(a, images[[(2 * i) % 5, (2 * i + 1) % 5]])
+
+
+def _knee_probe(knee: float, fail_once_at=()):
+  """A fake open-loop probe: every rate up to `knee` meets the SLO (attainment 0.995),
+  faster ones do not (0.9); a rate in `fail_once_at` fails its first probe only."""
+  seen = []
+
+  def probe(rate):
+    seen.append(rate)
+    flaky = any(abs(rate - r) < 1e-6 for r in fail_once_at) and seen.count(rate) == 1
+    return {"slo_attainment": 0.9 if rate > knee or flaky else 0.995}
+  return probe, seen
+
+
+def test_search_capacity_climbs_to_the_knee_from_the_closed_loop_estimate():
+  probe, seen = _knee_probe(knee=1000.0)
+  cap, probes = colocate_bench.search_capacity(probe, 500.0, step=1.15)
+  # 500 * 1.15^k: 500, 575, 661, 760, 874, 1006 (> knee: fails twice)
+  assert cap == pytest.approx(500 * 1.15 ** 4)
+  assert [p["passed"] for p in probes] == [True] * 5 + [False, False]
+  assert seen[-1] == seen[-2] == pytest.approx(500 * 1.15 ** 5)
+  assert all(p["rate_rps"] == r for p, r in zip(probes, seen))
+
+
+def test_search_capacity_retries_a_failed_probe_once_and_descends_if_the_start_fails():
+  probe, _ = _knee_probe(knee=1000.0, fail_once_at=(575.0,))
+  cap, probes = colocate_bench.search_capacity(probe, 500.0, step=1.15)
+  assert cap == pytest.approx(500 * 1.15 ** 4)      # the stall at 575 did not end it
+  assert [p["passed"] for p in probes][:3] == [True, False, True]
+  probe, _ = _knee_probe(knee=300.0)
+  cap, probes = colocate_bench.search_capacity(probe, 500.0, step=1.25)
+  assert cap == pytest.approx(256.0)                # 500 / 1.25^3: the first to pass
+  assert [p["passed"] for p in probes] == [False, False, False, False, False, False, True]
+
+
+def test_search_capacity_gives_up_with_a_clear_error():
+  probe, _ = _knee_probe(knee=0.0)
+  with pytest.raises(RuntimeError, match="no rate down to"):
+    colocate_bench.search_capacity(probe, 500.0, max_probes=6)
+  with pytest.raises(ValueError, match="start_rps must be positive"):
+    colocate_bench.search_capacity(probe, 0.0)
+
+
+def test_overload_table_shows_the_generators_lateness(tmp_path):
+  results = {"B": {"train_samples_per_s": 100.0}, "slo_ms": 10.0,
+             "capacity": {"rps": 500.0, "closed_loop_best_rps": 300.0},
+             "points": [_point("A", 0.5, 4.0, 0.0), _point("D", 0.5, 5.0, 40.0)],
+             "overload": [{"config": "D", "rate_rps": 750.0, "throughput_rps": 600.0,
+                           "shed_fraction": 0.2, "slo_attainment": 0.79,
+                           "slo_attainment_admitted": 0.99, "latency_ms": {"p99": 9.5},
+                           "dispatch_late_ms": {"p50": 0.1, "p99": 3.25, "max": 5.0}}],
+             "conditions": {"loadavg": []}}
+  results["summary"] = colocate_bench.summarize(results)
+  colocate_bench.write_table(results, str(tmp_path / "t.md"))
+  text = (tmp_path / "t.md").read_text()
+  assert "capacity 500 req/s (closed-loop best 300)" in text
+  assert "| D | 750 | 600 | 0.200 | 0.7900 | 0.9900 | 9.50 | 3.25 |" in text

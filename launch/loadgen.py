@@ -3,7 +3,7 @@
   python -m launch.loadgen --url http://127.0.0.1:PORT --model lenet --mode open \
       --rate 200 --arrival poisson --duration 20 --slo_ms 10 --out load.json
   python -m launch.loadgen ... --mode open --rho 0.7 --capacity 400 --arrival gamma --cv 2
-  python -m launch.loadgen ... --mode closed --concurrency 16 --duration 5   # capacity
+  python -m launch.loadgen ... --mode closed --concurrency 16 --duration 5   # closed loop
   python -m launch.loadgen ... --mode sequential --requests 300            # batch-1 latency
   python -m launch.loadgen ... --cpus 1      # pin this process to CPU 1 before starting
 

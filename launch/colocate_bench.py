@@ -20,9 +20,9 @@ Steps: (1) SLO = 5 x the median latency of isolated batch-1 requests (one at a t
 25/s, so each finds the server idle) to a fresh inference-only server (unless
 --slo_ms); (2) capacity = the highest open-loop Poisson rate that (A) serves with >= 99 %
 of all its requests (shed ones included) within the SLO, searched on a grid of ratio
-1.15 upwards from the best goodput of a closed loop at 1-16 clients (`search_capacity`;
-the closed loop alone sits far below the knee: 16 clients cannot fill the batches an
-open loop forms); (3) B's training
+1.15 from the best goodput of a closed loop at 1-16 clients (`search_capacity`; the
+closed loop alone is not the knee: its latency is self-limited by the clients, and it
+sat above or below the knee depending on the SLO); (3) B's training
 samples/s; (4) for each rho in {0.1, 0.3, 0.5, 0.7, 0.9}: open-loop Poisson load at
 rho x capacity on A, C and D and B's training alone, each in the two halves above
 (a point summarizes both halves' requests together), then bursty Gamma CV 2 load on A
@@ -358,10 +358,12 @@ def main(argv=None) -> int:
       log(f"closed loop x{c}: {r['throughput_rps']:.0f} req/s, goodput {good:.0f}")
     closed_best = max(x["goodput_rps"] for x in cap)
 
+    probe_seeds = iter(range(a.seed, a.seed + 1000))   # a retry draws new arrivals
+
     def probe(rate: float) -> dict:
       r = run_loadgen(S.url, lg_common + [
           "--mode", "open", "--rate", str(rate), "--duration", str(3 if a.quick else 5),
-          "--slo_ms", str(slo_ms), "--seed", str(a.seed)], 120)
+          "--slo_ms", str(slo_ms), "--seed", str(next(probe_seeds))], 120)
       late = (r.get("dispatch_late_ms") or {}).get("p99")
       log(f"open loop {rate:.0f} req/s: SLO att {r.get('slo_attainment', 0):.4f}, shed "
           f"{r['shed_fraction']:.3f}, generator late p99 {late or float('nan'):.2f} ms")
@@ -475,11 +477,10 @@ def search_capacity(probe: Callable[[float], dict], start_rps: float, *,
   """The highest open-loop Poisson rate (requests/s) on a geometric grid that the server
   serves with at least CAPACITY_ATTAINMENT of all its requests (shed ones count as
   misses) within the SLO. `probe(rate)` runs one load and returns a dict with
-  `slo_attainment`. The grid starts at `start_rps` (the closed loop's best goodput: at
-  most 16 clients cannot fill the batches an open loop forms, so it sits below the
-  knee) and climbs by `step` until a rate fails twice in a row (one failed probe is
-  retried: a stall of the shared machine must not end the search); if `start_rps`
-  itself fails, it descends until a rate passes. Returns (capacity, probes in order)."""
+  `slo_attainment`. The grid starts at `start_rps` (e.g. the closed loop's best goodput)
+  and climbs by `step` until a rate fails twice in a row (one failed probe is retried:
+  a stall of the shared machine must not end the search); if `start_rps` itself fails,
+  it descends until a rate passes. Returns (capacity, probes in order)."""
   if start_rps <= 0:
     raise ValueError(f"start_rps must be positive, got {start_rps}")
   probes: list[dict] = []

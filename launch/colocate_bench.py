@@ -50,6 +50,7 @@ plot (`colocate.png`) next to it.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import signal
@@ -358,7 +359,7 @@ def main(argv=None) -> int:
       log(f"closed loop x{c}: {r['throughput_rps']:.0f} req/s, goodput {good:.0f}")
     closed_best = max(x["goodput_rps"] for x in cap)
 
-    probe_seeds = iter(range(a.seed, a.seed + 1000))   # a retry draws new arrivals
+    probe_seeds = itertools.count(a.seed)   # every probe, a retry too, draws new arrivals
 
     def probe(rate: float) -> dict:
       r = run_loadgen(S.url, lg_common + [
@@ -367,7 +368,7 @@ def main(argv=None) -> int:
       late = (r.get("dispatch_late_ms") or {}).get("p99")
       log(f"open loop {rate:.0f} req/s: SLO att {r.get('slo_attainment', 0):.4f}, shed "
           f"{r['shed_fraction']:.3f}, generator late p99 {late or float('nan'):.2f} ms")
-      return {"rate_rps": rate, "slo_attainment": r.get("slo_attainment", 0.0),
+      return {"slo_attainment": r.get("slo_attainment", 0.0),
               "shed_fraction": r["shed_fraction"], "throughput_rps": r["throughput_rps"],
               "generator_late_p99_ms": late}
 
@@ -496,11 +497,9 @@ def search_capacity(probe: Callable[[float], dict], start_rps: float, *,
 
   rate = start_rps
   if passes(rate):
-    best = rate
     while len(probes) < max_probes and passes(rate * step):
       rate *= step
-      best = rate
-    return best, probes
+    return rate, probes
   while len(probes) < max_probes:
     rate /= step
     if passes(rate):

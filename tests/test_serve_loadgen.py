@@ -488,14 +488,18 @@ def test_binary_requests_carry_the_same_images_as_json_requests():
     np.testing.assert_array_equal(a, images[[(2 * i) % 5, (2 * i + 1) % 5]])
 
 
-def _knee_probe(knee: float, fail_once_at=()):
+def _knee_probe(knee: float, fail_once_at=(), pass_once_at=()):
   """A fake open-loop probe: every rate up to `knee` meets the SLO (attainment 0.995),
-  faster ones do not (0.9); a rate in `fail_once_at` fails its first probe only."""
+  faster ones do not (0.9); a rate in `fail_once_at` fails its first probe only, one in
+  `pass_once_at` passes its first probe only."""
   seen = []
 
   def probe(rate):
     seen.append(rate)
-    flaky = any(abs(rate - r) < 1e-6 for r in fail_once_at) and seen.count(rate) == 1
+    first = seen.count(rate) == 1
+    if any(abs(rate - r) < 1e-6 for r in pass_once_at) and first:
+      return {"slo_attainment": 0.995}
+    flaky = any(abs(rate - r) < 1e-6 for r in fail_once_at) and first
     return {"slo_attainment": 0.9 if rate > knee or flaky else 0.995}
   return probe, seen
 
@@ -503,22 +507,27 @@ def _knee_probe(knee: float, fail_once_at=()):
 def test_search_capacity_climbs_to_the_knee_from_the_closed_loop_estimate():
   probe, seen = _knee_probe(knee=1000.0)
   cap, probes = colocate_bench.search_capacity(probe, 500.0, step=1.15)
-  # 500 * 1.15^k: 500, 575, 661, 760, 874, 1006 (> knee: fails twice)
+  # 500 * 1.15^k: 500, 575, 661, 760, 874, 1006 (> knee); two agreeing probes decide
   assert cap == pytest.approx(500 * 1.15 ** 4)
-  assert [p["passed"] for p in probes] == [True] * 5 + [False, False]
+  assert [p["passed"] for p in probes] == [True] * 10 + [False, False]
   assert seen[-1] == seen[-2] == pytest.approx(500 * 1.15 ** 5)
   assert all(p["rate_rps"] == r for p, r in zip(probes, seen))
 
 
-def test_search_capacity_retries_a_failed_probe_once_and_descends_if_the_start_fails():
+def test_search_capacity_needs_two_of_three_probes_and_descends_if_the_start_fails():
   probe, _ = _knee_probe(knee=1000.0, fail_once_at=(575.0,))
   cap, probes = colocate_bench.search_capacity(probe, 500.0, step=1.15)
   assert cap == pytest.approx(500 * 1.15 ** 4)      # the stall at 575 did not end it
-  assert [p["passed"] for p in probes][:3] == [True, False, True]
+  assert [p["passed"] for p in probes][:5] == [True, True, False, True, True]
+  # a rate past the knee whose first probe passes by chance is not capacity
+  probe, _ = _knee_probe(knee=600.0, pass_once_at=(661.25,))
+  cap, probes = colocate_bench.search_capacity(probe, 500.0, step=1.15)
+  assert cap == pytest.approx(575.0)
+  assert [p["passed"] for p in probes][-3:] == [True, False, False]
   probe, _ = _knee_probe(knee=300.0)
   cap, probes = colocate_bench.search_capacity(probe, 500.0, step=1.25)
   assert cap == pytest.approx(256.0)                # 500 / 1.25^3: the first to pass
-  assert [p["passed"] for p in probes] == [False, False, False, False, False, False, True]
+  assert [p["passed"] for p in probes] == [False] * 6 + [True, True]
 
 
 def test_search_capacity_gives_up_with_a_clear_error():

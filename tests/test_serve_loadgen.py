@@ -331,6 +331,8 @@ def test_open_loop_raw_record_round_trips_and_merged_runs_summarize_as_one(tmp_p
   s = loadgen.summarize(both, slo_ms=2.5, images_per_request=1, labels=True)
   assert s["requests"] == 4 and s["codes"] == {"200": 3, "503": 1}
   assert s["slo_attainment"] == 0.5 and s["slo_attainment_admitted"] == pytest.approx(2 / 3)
+  # counted from the actual send, the 3 ms request sent 1 ms late took 2 ms: within
+  assert s["slo_attainment_admitted_from_send"] == 1.0
   assert s["throughput_rps"] == pytest.approx(1.0) and s["window_unix"] == [100.0, 111.0]
   assert s["accuracy"] == pytest.approx(2 / 3) and s["versions"]["distinct"] == 2
   with pytest.raises(ValueError):
@@ -545,10 +547,11 @@ def test_overload_table_shows_the_generators_lateness(tmp_path):
              "overload": [{"config": "D", "rate_rps": 750.0, "throughput_rps": 600.0,
                            "shed_fraction": 0.2, "slo_attainment": 0.79,
                            "slo_attainment_admitted": 0.99, "latency_ms": {"p99": 9.5},
+                           "slo_attainment_admitted_from_send": 0.995,
                            "dispatch_late_ms": {"p50": 0.1, "p99": 3.25, "max": 5.0}}],
              "conditions": {"loadavg": []}}
   results["summary"] = colocate_bench.summarize(results)
   colocate_bench.write_table(results, str(tmp_path / "t.md"))
   text = (tmp_path / "t.md").read_text()
   assert "capacity 500 req/s (closed-loop best 300)" in text
-  assert "| D | 750 | 600 | 0.200 | 0.7900 | 0.9900 | 9.50 | 3.25 |" in text
+  assert "| D | 750 | 600 | 0.200 | 0.7900 | 0.9900 | 9.50 | 3.25 | 0.9950 |" in text

@@ -20,15 +20,18 @@ Steps: (1) SLO = 5 x the median latency of isolated batch-1 requests (one at a t
 25/s, so each finds the server idle) to a fresh inference-only server (unless
 --slo_ms); (2) capacity = the highest open-loop Poisson rate that (A) serves with >= 99 %
 of all its requests (shed ones included) within the SLO, searched on a grid of ratio
-1.15 (a rate passes when two of at most three probes pass) from the best goodput of a closed loop at 1-16 clients (`search_capacity`; the
-closed loop alone is not the knee: its latency is self-limited by the clients, and it
-sat above or below the knee depending on the SLO); (3) B's training
+1.15 (a rate passes when two of at most three probes pass) from the best goodput of a
+closed loop at 1-16 clients (`search_capacity`; the closed loop alone is not the knee:
+its latency is self-limited by the clients, and it sat above or below the knee
+depending on the SLO); (3) B's training
 samples/s; (4) for each rho in {0.1, 0.3, 0.5, 0.7, 0.9}: open-loop Poisson load at
 rho x capacity on A, C and D and B's training alone, each in the two halves above
 (a point summarizes both halves' requests together), then bursty Gamma CV 2 load on A
 and D; each rho's retention is against the B of its own round;
-(5) overload at rho = 1.5 on D and A; (6) 1,000 malformed requests, then a health check and a
-valid request. Training throughput is the servers' `coltrain_train_samples_total` rate
+(5) overload at rho = 1.5 on D and A (its table gives the admitted requests' SLO
+attainment from the scheduled arrivals and, the server's view when the load generator
+itself ran late, from the actual sends); (6) 1,000 malformed requests, then a health
+check and a valid request. Training throughput is the servers' `coltrain_train_samples_total` rate
 over the exact arrival window of each run (sampled 5 times a second); U (inference busy
 fraction) is `coltrain_inference_busy_seconds_total`'s rate in A (the device time of
 its batches), and U_device the busy fraction of A's device cores

@@ -368,9 +368,10 @@ def main(argv=None) -> int:
       r = run_loadgen(S.url, lg_common + [
           "--mode", "open", "--rate", str(rate), "--duration", str(3 if a.quick else 5),
           "--slo_ms", str(slo_ms), "--seed", str(next(probe_seeds))], 120)
-      late = (r.get("dispatch_late_ms") or {}).get("p99")
+      late = generator_late_p99(r)
       log(f"open loop {rate:.0f} req/s: SLO att {r.get('slo_attainment', 0):.4f}, shed "
-          f"{r['shed_fraction']:.3f}, generator late p99 {late or float('nan'):.2f} ms")
+          f"{r['shed_fraction']:.3f}, generator late p99 "
+          f"{float('nan') if late is None else late:.2f} ms")
       return {"slo_attainment": r.get("slo_attainment", 0.0),
               "shed_fraction": r["shed_fraction"], "throughput_rps": r["throughput_rps"],
               "generator_late_p99_ms": late}
@@ -476,6 +477,11 @@ def main(argv=None) -> int:
   return 0
 
 
+def generator_late_p99(run: dict) -> Optional[float]:
+  """How late the load generator sent (p99, ms) in a loadgen summary; None if absent."""
+  return (run.get("dispatch_late_ms") or {}).get("p99")
+
+
 def search_capacity(probe: Callable[[float], dict], start_rps: float, *,
                     step: float = CAPACITY_STEP, max_probes: int = 20) -> tuple[float, list[dict]]:
   """The highest open-loop Poisson rate (requests/s) on a geometric grid that the server
@@ -487,7 +493,8 @@ def search_capacity(probe: Callable[[float], dict], start_rps: float, *,
   and one retry accepted such a rate three times in four, and put capacity above the
   knee). The grid starts at `start_rps` (e.g. the closed loop's best goodput) and
   climbs by `step` until a rate fails; if `start_rps` itself fails, it descends until
-  a rate passes. Returns (capacity, probes in order)."""
+  a rate passes. A rate still undecided when `max_probes` run out does not pass.
+  Returns (capacity, probes in order)."""
   if start_rps <= 0:
     raise ValueError(f"start_rps must be positive, got {start_rps}")
   probes: list[dict] = []
@@ -501,7 +508,7 @@ def search_capacity(probe: Callable[[float], dict], start_rps: float, *,
       votes.append(rec["passed"])
       if votes.count(rec["passed"]) == 2:
         return rec["passed"]
-    return votes.count(True) > votes.count(False)   # out of probes: a tie fails
+    return False   # out of probes before two agreed: not shown to pass
 
   rate = start_rps
   if passes(rate):
@@ -710,7 +717,7 @@ def write_table(results: dict, path: str) -> None:
             " SLO attainment (admitted, from the send) |",
             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
   for o in results.get("overload", []):
-    late = (o.get("dispatch_late_ms") or {}).get("p99")
+    late = generator_late_p99(o)
     sent = o.get("slo_attainment_admitted_from_send")
     lines.append(f"| {o['config']} | {o['rate_rps']:.0f} | {o['throughput_rps']:.0f} | "
                  f"{o['shed_fraction']:.3f} | {o.get('slo_attainment', 0):.4f} | "

@@ -532,6 +532,16 @@ def test_search_capacity_needs_two_of_three_probes_and_descends_if_the_start_fai
   assert [p["passed"] for p in probes] == [False] * 6 + [True, True]
 
 
+def test_search_capacity_never_accepts_a_rate_on_one_probe_when_probes_run_out():
+  probe, _ = _knee_probe(knee=1000.0)
+  # 500 passes (2 probes); 575 gets one passing probe, then the budget of 3 is spent
+  cap, probes = colocate_bench.search_capacity(probe, 500.0, step=1.15, max_probes=3)
+  assert cap == pytest.approx(500.0)
+  assert [p["rate_rps"] for p in probes] == [500.0, 500.0, pytest.approx(575.0)]
+  assert colocate_bench.generator_late_p99({"dispatch_late_ms": {"p99": 0.0}}) == 0.0
+  assert colocate_bench.generator_late_p99({"dispatch_late_ms": None}) is None
+
+
 def test_search_capacity_gives_up_with_a_clear_error():
   probe, _ = _knee_probe(knee=0.0)
   with pytest.raises(RuntimeError, match="no rate down to"):

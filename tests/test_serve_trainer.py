@@ -1,14 +1,17 @@
 """Chunked co-located training (coltrain.serve.trainer) is launch.train's training."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from coltrain.data import open_dataset, train_batches
 from coltrain.models import get_model
 from coltrain.serve.config import validate_serve, with_serve_defaults
 from coltrain.serve.trainer import ChunkTrainer
-from coltrain.train import create_train_state, make_optimizer, make_train_step
+from coltrain.train import (create_train_state, make_accumulate_step, make_optimizer,
+                            make_train_step)
 from coltrain.train.loop import resolve_numerics
 from tests.conftest import small_config
 
@@ -34,6 +37,53 @@ def make_trainer(c, tfds_dir, published):
   tr = ChunkTrainer(c, model, spec, sources["train"], numerics, jax.devices()[0],
                     published.append)
   return tr, sources, spec, model, numerics
+
+
+def _bits(tree):
+  return [(np.asarray(x).dtype, np.asarray(x).tobytes()) for x in jax.tree.leaves(tree)]
+
+
+@pytest.mark.parametrize("policy", ["fp32", "hbfp8_16"])
+def test_accumulate_step_equals_the_multisteps_step_bit_for_bit(tfds_dir, policy):
+  """On a micro-batch that does not complete an optimizer step, the accumulate step
+  gives exactly the state (optimizer state, counters, model state) and metrics of the
+  whole MultiSteps step, and the weights come back unchanged, where the whole step adds
+  a zero update to them: the same values, but a weight of -0.0 can become +0.0 (many
+  are -0.0 in a block format's storage)."""
+  c = serve_cfg(**{"numerics.policy": policy, "optimizer.name": "adam"})
+  sources, spec = open_dataset(c.dataset, tfds_dir)
+  model = get_model(c.model, spec.num_classes)
+  numerics = resolve_numerics(c.numerics, model, (1,) + spec.image_shape)
+  assert (numerics is None) == (policy == "fp32")
+  inner, schedule = make_optimizer(c.optimizer, c.steps)
+  k = 4
+  tx = optax.MultiSteps(inner, every_k_schedule=k)
+  state = create_train_state(model, tx, c.seed, (1,) + spec.image_shape)
+  if numerics is not None:
+    state = state.replace(params=numerics.store(state.params, 0))
+  full = jax.jit(make_train_step(model, tx, schedule, spec, numerics))
+  lean = jax.jit(make_accumulate_step(model, schedule, spec, numerics))
+  batches = train_batches(sources["train"], global_batch_size=4, seed=c.seed)
+  for micro in range(2 * k):
+    batch = next(batches)
+    a, ma = full(state, batch)
+    if micro % k == k - 1:   # completes the optimizer step: the whole step runs
+      state = a
+      continue
+    b, mb = lean(state, batch)
+    assert _bits(a.replace(params={})) == _bits(b.replace(params={})), micro
+    assert _bits(ma) == _bits(mb)
+    assert _bits(b.params) == _bits(state.params)
+    for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(state.params)):
+      x, y = np.asarray(x), np.asarray(y)   # the whole step adds a zero update:
+      np.testing.assert_array_equal(x, y)   # equal values, and where the bits differ
+      assert (x[x.view(np.uint32) != y.view(np.uint32)] == 0).all()   # only 0's sign
+    state = b
+  assert int(state.opt_state.gradient_step) == 2 and int(state.step) == 2 * k
+  assert int(state.opt_state.mini_step) == 0
+  with pytest.raises(TypeError, match="MultiSteps"):
+    make_accumulate_step(model, schedule, spec)(
+        create_train_state(model, inner, c.seed, (1,) + spec.image_shape), batch)
 
 
 def test_accumulated_micro_batches_equal_launch_train_steps(tfds_dir):

@@ -3,7 +3,9 @@
 `ChunkTrainer` trains the served model with `coltrain.train.make_train_step` (the same
 pure step `train_and_evaluate` jits) over micro-batches: the optimizer is wrapped in
 `optax.MultiSteps`, so `batch_size / micro_batch_size` consecutive micro-batches
-accumulate their gradients into one optimizer step. The micro-batches are slices of
+accumulate their gradients into one optimizer step (all but the last of them run
+`coltrain.train.make_accumulate_step`, the same result at two thirds of the cost for
+LeNet: no discarded optimizer update). The micro-batches are slices of
 `coltrain.data.train_batches`' global batches, exactly the batches `launch.train` would
 see, so an optimizer step
 equals a `launch.train` step up to float summation order (tested). Precision policies
@@ -36,7 +38,7 @@ from coltrain.numerics.policy import ResolvedPolicy
 from coltrain.serve.model import Weights
 from coltrain.train.optim import make_optimizer
 from coltrain.train.state import TrainState, create_train_state
-from coltrain.train.step import make_train_step
+from coltrain.train.step import make_accumulate_step, make_train_step
 
 
 PREFETCH_BATCHES = 2      # global batches read ahead by the input thread
@@ -112,10 +114,17 @@ class ChunkTrainer:
     batch = {"image": jax.ShapeDtypeStruct((self.micro_batch,) + spec.image_shape, np.uint8),
              "label": jax.ShapeDtypeStruct((self.micro_batch,), np.int32)}
     num_phases = numerics.num_phases if numerics is not None else 1
-    self._steps = {}
-    for phase in range(num_phases):  # the learning-rate metric counts optimizer steps
-      fn = make_train_step(model, self.tx, lambda s: schedule(s // k), spec, numerics, phase)
-      self._steps[phase] = jax.jit(fn, donate_argnums=0).lower(self.state, batch).compile()
+    # Per phase: the micro-batch that completes an optimizer step runs the whole step
+    # (`_steps`), the others only accumulate their gradient (`_accumulate`, the same
+    # result without the update `MultiSteps` computes and discards; see
+    # `make_accumulate_step`).
+    self._steps, self._accumulate = {}, {}
+    lr = lambda s: schedule(s // k)   # the learning-rate metric counts optimizer steps
+    for phase in range(num_phases):
+      for table, make in ((self._steps, lambda: make_train_step(
+          model, self.tx, lr, spec, numerics, phase)), (self._accumulate, lambda: (
+              make_accumulate_step(model, lr, spec, numerics, phase)))):
+        table[phase] = jax.jit(make(), donate_argnums=0).lower(self.state, batch).compile()
     self.micro_steps = start * k  # micro-batches trained (a resumed run's count)
     self.samples = 0              # samples trained by this trainer
     self.published_version = start  # optimizer step of the last published weights
@@ -190,16 +199,22 @@ class ChunkTrainer:
   # -- work ----------------------------------------------------------------------------
   def warmup(self, runs: int = 3) -> list[float]:
     """Times `runs` chunks on a throwaway copy of the state (the real state and data
-    stream are untouched); returns the durations in seconds."""
+    stream are untouched), each micro-batch running the step the real one at that
+    position would (accumulate only, or complete an optimizer step); returns the
+    durations in seconds."""
     times = []
     batch = {"image": np.zeros((self.micro_batch,) + self.image_shape, np.uint8),
              "label": np.zeros((self.micro_batch,), np.int32)}
     scratch = jax.tree.map(jnp.copy, self.state)
-    fn = self._steps[self.phase_at(self.opt_steps)]
+    phase = self.phase_at(self.opt_steps)
+    micro = self.micro_steps
     for _ in range(runs):
       t0 = time.perf_counter()
       for _ in range(self.chunk_steps):
+        last = micro % self.accumulate == self.accumulate - 1
+        fn = self._steps[phase] if last else self._accumulate[phase]
         scratch, m = fn(scratch, batch)
+        micro += 1
       jax.block_until_ready(m["loss"])
       times.append(time.perf_counter() - t0)
     return times
@@ -218,8 +233,9 @@ class ChunkTrainer:
           self._global = self._next_global(block=False)
         except queue.Empty:
           break
-      fn = self._steps[self.phase_at(self.opt_steps)]
       j = self.micro_steps % self.accumulate
+      phase = self.phase_at(self.opt_steps)
+      fn = self._accumulate[phase] if j < self.accumulate - 1 else self._steps[phase]
       m = self.micro_batch
       micro = {k: v[j * m:(j + 1) * m] for k, v in self._global.items()}
       self.state, metrics = fn(self.state, micro)   # dispatched asynchronously

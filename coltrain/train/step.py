@@ -108,6 +108,51 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
   return train_step
 
 
+def make_accumulate_step(model: nn.Module, schedule: optax.Schedule, spec: DatasetSpec,
+                         numerics: Optional[ResolvedPolicy] = None, phase: int = 0
+                         ) -> Callable[[TrainState, dict], tuple[TrainState, Metrics]]:
+  """Builds `accumulate_step(state, batch) -> (state, metrics)`: a micro-batch step that
+  does NOT complete an optimizer step, for a state whose optimizer is
+  `optax.MultiSteps(tx, k)` (its defaults: the gradients' mean, no skip function) and
+  whose `opt_state.mini_step` is below k - 1.
+
+  It folds the micro-batch's gradient into `acc_grads` exactly as `MultiSteps` does
+  (`acc + (grad - acc) / (mini_step + 1)`), counts `mini_step` and `step`, and updates
+  the model state; the weights, the inner optimizer's state and `gradient_step` are
+  returned as they came. `make_train_step` with the `MultiSteps` optimizer gives the
+  same state and metrics on such a micro-batch (tested bit for bit, with and without a
+  precision policy), but it also computes the inner optimizer's update and the weights'
+  update every micro-batch and then discards them (`where(emit, ...)`, `emit * update`),
+  and XLA copies every buffer of the state: for LeNet with one sample per micro-batch
+  that is a third of the step's time on a CPU core. Two differences, both at the edges:
+  a weight of -0.0 stays -0.0 (`MultiSteps` adds a zero update, which makes it +0.0; a
+  block format stores many), and a non-finite gradient reaches the weights at the
+  optimizer step, not at once.
+
+  The last micro-batch of each optimizer step (mini_step == k - 1) must go through
+  `make_train_step`. metrics: as `make_train_step`'s.
+  """
+  local_grad = make_local_grad(model, spec, numerics, phase)
+
+  def accumulate_step(state: TrainState, batch: dict) -> tuple[TrainState, Metrics]:
+    if not isinstance(state.opt_state, optax.MultiStepsState):
+      raise TypeError("accumulate_step needs an optax.MultiSteps optimizer state, got "
+                      f"{type(state.opt_state).__name__}")
+    step_rng = jax.random.fold_in(state.rng, state.step)
+    grads, model_state, metrics = local_grad(state.params, state.model_state, batch,
+                                             step_rng)
+    opt = state.opt_state
+    acc_grads = jax.tree.map(
+        lambda g, acc: (acc + (g - acc) / (opt.mini_step + 1)).astype(acc.dtype),
+        grads, opt.acc_grads)
+    opt = opt._replace(mini_step=opt.mini_step + 1, acc_grads=acc_grads)
+    metrics["learning_rate"] = jnp.asarray(schedule(state.step), jnp.float32)
+    new_state = state.replace(step=state.step + 1, opt_state=opt, model_state=model_state)
+    return new_state, metrics
+
+  return accumulate_step
+
+
 def make_worker_train_step(model: nn.Module, alg: Algorithm, mesh: Mesh,
                            schedule: optax.Schedule, spec: DatasetSpec,
                            numerics: Optional[ResolvedPolicy] = None, phase: int = 0

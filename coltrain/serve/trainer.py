@@ -246,7 +246,9 @@ class ChunkTrainer:
     n = len(losses)
     if not n:
       return 0
-    losses = [float(x) for x in jax.device_get(losses)]
+    # np.asarray per scalar: 0.3 us over the wait, where jax.device_get's tree
+    # handling took 8 us (once per chunk, on the device's core)
+    losses = [float(np.asarray(x)) for x in losses]
     self.samples += n * self.micro_batch
     bad = [x for x in losses if not math.isfinite(x)]
     if bad:

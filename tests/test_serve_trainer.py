@@ -81,6 +81,10 @@ def test_accumulate_step_equals_the_multisteps_step_bit_for_bit(tfds_dir, policy
     state = b
   assert int(state.opt_state.gradient_step) == 2 and int(state.step) == 2 * k
   assert int(state.opt_state.mini_step) == 0
+  start = create_train_state(model, tx, c.seed, (1,) + spec.image_shape)
+  moved = max(float(jnp.abs(x - y).max()) for x, y in zip(
+      jax.tree.leaves(state.params), jax.tree.leaves(start.params)))
+  assert moved > 1e-4   # the two optimizer steps really changed the weights
   with pytest.raises(TypeError, match="MultiSteps"):
     make_accumulate_step(model, schedule, spec)(
         create_train_state(model, inner, c.seed, (1,) + spec.image_shape), batch)

@@ -120,11 +120,12 @@ class ChunkTrainer:
     # `make_accumulate_step`).
     self._steps, self._accumulate = {}, {}
     lr = lambda s: schedule(s // k)   # the learning-rate metric counts optimizer steps
+    compile_step = lambda fn: jax.jit(fn, donate_argnums=0).lower(self.state, batch).compile()
     for phase in range(num_phases):
-      for table, make in ((self._steps, lambda: make_train_step(
-          model, self.tx, lr, spec, numerics, phase)), (self._accumulate, lambda: (
-              make_accumulate_step(model, lr, spec, numerics, phase)))):
-        table[phase] = jax.jit(make(), donate_argnums=0).lower(self.state, batch).compile()
+      self._steps[phase] = compile_step(
+          make_train_step(model, self.tx, lr, spec, numerics, phase))
+      self._accumulate[phase] = compile_step(
+          make_accumulate_step(model, lr, spec, numerics, phase))
     self.micro_steps = start * k  # micro-batches trained (a resumed run's count)
     self.samples = 0              # samples trained by this trainer
     self.published_version = start  # optimizer step of the last published weights

@@ -120,14 +120,14 @@ def make_accumulate_step(model: nn.Module, schedule: optax.Schedule, spec: Datas
   (`acc + (grad - acc) / (mini_step + 1)`), counts `mini_step` and `step`, and updates
   the model state; the weights, the inner optimizer's state and `gradient_step` are
   returned as they came. `make_train_step` with the `MultiSteps` optimizer gives the
-  same state and metrics on such a micro-batch (tested bit for bit, with and without a
-  precision policy), but it also computes the inner optimizer's update and the weights'
-  update every micro-batch and then discards them (`where(emit, ...)`, `emit * update`),
-  and XLA copies every buffer of the state: for LeNet with one sample per micro-batch
-  that is a third of the step's time on a CPU core. Two differences, both at the edges:
-  a weight of -0.0 stays -0.0 (`MultiSteps` adds a zero update, which makes it +0.0; a
-  block format stores many), and a non-finite gradient reaches the weights at the
-  optimizer step, not at once.
+  same state and metrics on such a micro-batch, but it also computes the inner
+  optimizer's update and the weights' update every micro-batch and then discards them
+  (`where(emit, ...)`, `emit * update`), and XLA copies every buffer of the state: for
+  LeNet with one sample per micro-batch that is a third of the step's time on a CPU
+  core. Tested bit for bit against it, with and without a precision policy; the two
+  differences are at the edges: a weight of -0.0 stays -0.0 (`MultiSteps` adds a zero
+  update, which makes it +0.0; a block format stores many), and a non-finite gradient
+  reaches the weights at the optimizer step, not at once.
 
   The last micro-batch of each optimizer step (mini_step == k - 1) must go through
   `make_train_step`. metrics: as `make_train_step`'s.

@@ -239,7 +239,7 @@ class ChunkTrainer:
       fn = self._accumulate[phase] if j < self.accumulate - 1 else self._steps[phase]
       m = self.micro_batch
       micro = {k: v[j * m:(j + 1) * m] for k, v in self._global.items()}
-      self.state, metrics = fn(self.state, micro)   # dispatched asynchronously
+      self.state, metrics = fn(self.state, micro)   # (asynchronous dispatch: queued)
       losses.append(metrics["loss"])
       self.micro_steps += 1
       if j == self.accumulate - 1:
@@ -266,7 +266,7 @@ class ChunkTrainer:
     if self.opt_steps - max(self.published_version, self._candidate) >= self.publish_every or (
         self.finished and self.opt_steps > self.published_version):
       self._candidate = self.opt_steps
-      self._pending = self.weights()   # an asynchronous copy: nothing waits here
+      self._pending = self.weights()   # one dispatched copy of the weights
       if self.finished:                # no later chunk will validate it: check it here
         self._validate_final()
     return n * self.micro_batch

@@ -198,6 +198,13 @@ class ChunkTrainer:
     return Weights(self.opt_steps, params, model_state, phase)
 
   # -- work ----------------------------------------------------------------------------
+  def _step_for(self, micro_step: int, phase: int):
+    """The compiled step of micro-batch number `micro_step`: the whole `MultiSteps` step
+    if it completes an optimizer step, else the accumulate step."""
+    if micro_step % self.accumulate == self.accumulate - 1:
+      return self._steps[phase]
+    return self._accumulate[phase]
+
   def warmup(self, runs: int = 3) -> list[float]:
     """Times `runs` chunks on a throwaway copy of the state (the real state and data
     stream are untouched), each micro-batch running the step the real one at that
@@ -212,9 +219,7 @@ class ChunkTrainer:
     for _ in range(runs):
       t0 = time.perf_counter()
       for _ in range(self.chunk_steps):
-        last = micro % self.accumulate == self.accumulate - 1
-        fn = self._steps[phase] if last else self._accumulate[phase]
-        scratch, m = fn(scratch, batch)
+        scratch, m = self._step_for(micro, phase)(scratch, batch)
         micro += 1
       jax.block_until_ready(m["loss"])
       times.append(time.perf_counter() - t0)
@@ -235,11 +240,11 @@ class ChunkTrainer:
         except queue.Empty:
           break
       j = self.micro_steps % self.accumulate
-      phase = self.phase_at(self.opt_steps)
-      fn = self._accumulate[phase] if j < self.accumulate - 1 else self._steps[phase]
+      fn = self._step_for(self.micro_steps, self.phase_at(self.opt_steps))
       m = self.micro_batch
       micro = {k: v[j * m:(j + 1) * m] for k, v in self._global.items()}
-      self.state, metrics = fn(self.state, micro)   # (asynchronous dispatch: queued)
+      # queued with asynchronous dispatch; run at once with synchronous (launch.serve)
+      self.state, metrics = fn(self.state, micro)
       losses.append(metrics["loss"])
       self.micro_steps += 1
       if j == self.accumulate - 1:

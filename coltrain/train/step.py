@@ -76,6 +76,17 @@ def make_local_grad(model: nn.Module, spec: DatasetSpec,
   return local_grad
 
 
+def _step_grads(local_grad, schedule: optax.Schedule, state: TrainState, batch: dict):
+  """The gradient part of a single-worker step, shared by `make_train_step` and
+  `make_accumulate_step` (which must derive the step's key and metrics identically):
+  (grads, new model state, metrics with `learning_rate` = schedule(state.step))."""
+  step_rng = jax.random.fold_in(state.rng, state.step)
+  grads, model_state, metrics = local_grad(state.params, state.model_state, batch,
+                                           step_rng)
+  metrics["learning_rate"] = jnp.asarray(schedule(state.step), jnp.float32)
+  return grads, model_state, metrics
+
+
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
                     schedule: optax.Schedule, spec: DatasetSpec,
                     numerics: Optional[ResolvedPolicy] = None, phase: int = 0
@@ -93,14 +104,11 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
   local_grad = make_local_grad(model, spec, numerics, phase)
 
   def train_step(state: TrainState, batch: dict) -> tuple[TrainState, Metrics]:
-    step_rng = jax.random.fold_in(state.rng, state.step)
-    grads, model_state, metrics = local_grad(state.params, state.model_state, batch,
-                                             step_rng)
+    grads, model_state, metrics = _step_grads(local_grad, schedule, state, batch)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     if numerics is not None:
       params = numerics.store(params, phase)
-    metrics["learning_rate"] = jnp.asarray(schedule(state.step), jnp.float32)
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                               model_state=model_state)
     return new_state, metrics
@@ -138,15 +146,12 @@ def make_accumulate_step(model: nn.Module, schedule: optax.Schedule, spec: Datas
     if not isinstance(state.opt_state, optax.MultiStepsState):
       raise TypeError("accumulate_step needs an optax.MultiSteps optimizer state, got "
                       f"{type(state.opt_state).__name__}")
-    step_rng = jax.random.fold_in(state.rng, state.step)
-    grads, model_state, metrics = local_grad(state.params, state.model_state, batch,
-                                             step_rng)
+    grads, model_state, metrics = _step_grads(local_grad, schedule, state, batch)
     opt = state.opt_state
     acc_grads = jax.tree.map(
         lambda g, acc: (acc + (g - acc) / (opt.mini_step + 1)).astype(acc.dtype),
         grads, opt.acc_grads)
     opt = opt._replace(mini_step=opt.mini_step + 1, acc_grads=acc_grads)
-    metrics["learning_rate"] = jnp.asarray(schedule(state.step), jnp.float32)
     new_state = state.replace(step=state.step + 1, opt_state=opt, model_state=model_state)
     return new_state, metrics
 

@@ -4,11 +4,14 @@
 
 1. **Inference first.** While requests are queued it forms a batch (FIFO, whole
    requests, at most `max_batch` images) and runs it (padded to its power-of-two
-   bucket) on the current weights. It waits for a fuller batch only if training is off
-   (with training on the device is never idle, and requests that arrive during a chunk
-   batch up by themselves), requests arrive faster than one per `max_queue_delay`
-   (measured rate), the oldest request has waited less than `max_queue_delay` and the
-   earliest deadline still leaves room for the predicted batch time.
+   bucket) on the current weights. A batch that is not full waits for more requests
+   only if they arrive faster than one per `max_queue_delay` (measured rate), the
+   oldest request has waited less than `max_queue_delay` and the earliest deadline
+   still leaves room for the predicted batch time. With training off the device idles
+   meanwhile; with training active it runs training chunks meanwhile, each only if it
+   ends before the oldest request has waited `max_queue_delay` and leaves room for the
+   batch before the earliest deadline, else the batch runs at once (the device never
+   idles for a batch to fill).
 2. **Training in the slack.** With nothing queued, no request being received and no
    request refused by admission control in the last `shed_holdoff`, it runs one
    training chunk (see `ChunkTrainer`) only if the chunk's predicted time fits
@@ -288,22 +291,51 @@ class DeviceScheduler:
   def _waits_for_batches(self, now: float) -> bool:
     """Whether a batch that is not full waits for more requests now. Waiting pays only
     if another request is likely to arrive within the delay (at low load a lone request
-    runs at once instead of idling for `max_queue_delay`), and only with training off:
-    with training active the device is never left idle, so there is nothing to gain by
-    holding a request back (requests that arrive during a chunk batch up by
-    themselves). Called with the lock held."""
-    if self.arrival_rate(now) * self.max_queue_delay_s < 1.0:
-      return False
-    return self.trainer is None or not self.trainer.active
+    runs at once instead of idling for `max_queue_delay`). With training off the device
+    idles meanwhile (`_batch_wait`); with training active it trains meanwhile, in
+    chunks that end before the oldest request has waited `max_queue_delay`
+    (`_chunk_while_batch_forms`), and runs the batch at once when no chunk fits.
+    Called with the lock held."""
+    return self.arrival_rate(now) * self.max_queue_delay_s >= 1.0
 
   def _batch_wait(self, now: float) -> float:
-    """Seconds to wait for a fuller batch (<= 0: run now). Called with the lock held."""
-    if self._queued_images >= self.max_batch or not self._waits_for_batches(now):
+    """Seconds to idle for a fuller batch (<= 0: run now; never idle with training
+    active: see `_chunk_while_batch_forms`). Called with the lock held."""
+    if (self._queued_images >= self.max_batch or not self._waits_for_batches(now)
+        or self._training_active()):
       return 0.0
     oldest = self._queue[0]
     earliest = min(p.deadline for p in self._queue)
     run_by = earliest - self.batch_time(self._queued_images) - self.margin_s
     return min(oldest.arrival + self.max_queue_delay_s, run_by) - now
+
+  def _training_active(self) -> bool:
+    return self.trainer is not None and self.trainer.active
+
+  def _chunk_while_batch_forms(self, now: float) -> bool:
+    """With requests queued and training active: whether to run one training chunk
+    before their batch, so that the batch keeps forming while the device trains (as it
+    would while the device idles with training off) instead of running a batch for
+    every chunk's worth of arrivals. Only if the batch is not full and more requests
+    are likely within the delay (`_waits_for_batches`), no request was refused in the
+    last `shed_holdoff`, the input is ready, the predicted chunk ends before the oldest
+    queued request has waited `max_queue_delay` (and fits `max_chunk`), and the
+    earliest deadline leaves room for the chunk, the batch that will have formed by
+    then (the queued images plus the measured arrival rate's) and the margin.
+    Called with the lock held."""
+    if (self._queued_images >= self.max_batch or not self._training_active()
+        or not self._waits_for_batches(now) or now < self._hold_training_until
+        or not self.trainer.input_ready()):
+      return False
+    c = self.timer.predict("chunk")
+    if c is None or (self.max_chunk_s and c > self.max_chunk_s):
+      return False
+    end = now + c
+    if end > self._queue[0].arrival + self.max_queue_delay_s:
+      return False
+    expect = min(self._queued_images + int(self.arrival_rate(now) * c), self.max_batch)
+    earliest = min(p.deadline for p in self._queue)
+    return end + self.batch_time(expect) + self.margin_s <= earliest
 
   def _take_batch(self) -> list[Pending]:
     batch, n = [], 0
@@ -344,6 +376,10 @@ class DeviceScheduler:
             return
           now = clock()
           if self._queue:
+            if self._chunk_while_batch_forms(now):
+              train = True
+              self._busy_until = now + (self.timer.predict("chunk") or 0.0)
+              break
             wait = self._batch_wait(now)
             if wait <= 0:
               batch = self._take_batch()
@@ -351,7 +387,7 @@ class DeviceScheduler:
               break
             self._wait(wait)
             continue
-          if self.trainer is not None and self.trainer.active:
+          if self._training_active():
             if self.incoming():   # a request is being parsed: it will be queued soon
               self._wait(0.0005)
               continue

@@ -366,7 +366,7 @@ def _batch_wait_after(s, arrivals):
     return s._batch_wait(clock())
 
 
-def test_batching_waits_only_when_more_requests_are_likely_and_training_is_off():
+def test_batching_idles_only_when_more_requests_are_likely_and_training_is_off():
   delay = 0.05
   s, _ = make_sched(delay=delay)         # 1 request: rate ~1/s x 50 ms << 1: run at once
   assert _batch_wait_after(s, 1) <= 0
@@ -503,7 +503,7 @@ def test_shedding_holds_training_off_longer_the_more_is_shed():
   with pytest.raises(Shed):
     router.submit(np.zeros((1,) + SHAPE, np.float32))
   # one stray shed in about 1,000 (the counts decay with time: a pause while
-  # submitting, e.g. a garbage collection, leaves fewer of them)
+  # submitting leaves fewer of them; seen when the whole module runs)
   frac = router.recent_shed_fraction()
   assert 1e-3 * 0.95 <= frac <= 2e-3
   stray = s._hold_training_until - clock()   # a short pause

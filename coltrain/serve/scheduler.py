@@ -8,10 +8,11 @@
    only if they arrive faster than one per `max_queue_delay` (measured rate), the
    oldest request has waited less than `max_queue_delay` and the earliest deadline
    still leaves room for the predicted batch time. With training off the device idles
-   meanwhile; with training active it runs training chunks meanwhile, each only if it
-   ends before the oldest request has waited `max_queue_delay` and leaves room for the
-   batch before the earliest deadline, else the batch runs at once (the device never
-   idles for a batch to fill).
+   meanwhile; with training active it runs training chunks meanwhile, each only if a
+   chunk may run at all (see 2: no recent shed, the input ready), it ends before the
+   oldest request has waited `max_queue_delay` and it leaves room for the batch before
+   the earliest deadline, else the batch runs at once (the device never idles for a
+   batch to fill).
 2. **Training in the slack.** With nothing queued, no request being received and no
    request refused by admission control in the last `shed_holdoff`, it runs one
    training chunk (see `ChunkTrainer`) only if the chunk's predicted time fits
@@ -25,8 +26,9 @@
    its waits are waits on that link.
 
 `expected_completion(n, now)` predicts when `n` more images would be done here (current
-work + queued work + their batch), for admission control and least-expected-completion-
-time routing (`Router`). Weights are swapped by reference (`set_weights`), never blocking.
+work, the batching wait if this scheduler would wait, queued work + their batch), for
+admission control and least-expected-completion-time routing (`Router`). Weights are
+swapped by reference (`set_weights`), never blocking.
 """
 
 from __future__ import annotations
@@ -234,23 +236,36 @@ class DeviceScheduler:
     return self._rate * math.exp(-(now - self._rate_t) / RATE_TAU_S)
 
   def expected_completion(self, n: int, now: float) -> float:
-    """When n more images submitted now would be done (predicted): when the device is
-    free (current work, a training chunk included), or, if the batch would not be full
-    and this scheduler waits for fuller batches now (`_waits_for_batches`), when the
-    oldest queued request (else this one) has waited `max_queue_delay`, whichever is
-    later; plus the queued images' and these n's batch time."""
+    """When n more images submitted now would be done (predicted): when their batch
+    starts (`_batch_start`) plus the queued images' and these n's batch time."""
     with self._cv:
       queued = self._queued_images
-      start = max(now, self._busy_until)
-      if queued + n < self.max_batch and self._waits_for_batches(now):
-        oldest = self._queue[0].arrival if self._queue else now
-        start = max(start, oldest + self.max_queue_delay_s)
+      start = self._batch_start(queued + n, now)
     return start + self.batch_time(queued + n)
 
+  def _batch_start(self, images: int, now: float) -> float:
+    """The latest time a batch of `images` (the queued ones included) starts: when the
+    device is free (current work, a training chunk included), or, if the batch would
+    not be full and this scheduler waits for a fuller one (`_waits_for_batches`), when
+    the oldest queued request (else a request arriving now) has waited
+    `max_queue_delay`, whichever is later. With training active it waits only while a
+    training chunk can run meanwhile (`_chunk_while_batch_forms`); if none can (paused,
+    input not ready, or the chunk would end too late), the batch starts when the device
+    is free. Called with the lock held."""
+    start = max(now, self._busy_until)
+    if images >= self.max_batch or not self._waits_for_batches(now):
+      return start
+    by = (self._queue[0].arrival if self._queue else now) + self.max_queue_delay_s
+    if self._training_active():
+      c = self._chunk_time_if_trainable(now)
+      if c is None or start + c > by:
+        return start
+    return max(start, by)
+
   def idle(self, now: float) -> bool:
-    """Nothing queued and no work predicted in progress: a request starts at once.
-    (Admission never sheds such a request: there is no backlog to avoid, and serving it
-    keeps the timing estimates fresh.)"""
+    """Nothing queued and no work predicted in progress: a request starts at once, or
+    after at most the batching wait. (Admission never sheds such a request: there is
+    no backlog to avoid, and serving it keeps the timing estimates fresh.)"""
     with self._cv:
       return not self._queue and self._busy_until <= now
 
@@ -289,13 +304,12 @@ class DeviceScheduler:
       self.wake_poll()   # submitted by another thread while this one polls
 
   def _waits_for_batches(self, now: float) -> bool:
-    """Whether a batch that is not full waits for more requests now. Waiting pays only
-    if another request is likely to arrive within the delay (at low load a lone request
-    runs at once instead of idling for `max_queue_delay`). With training off the device
-    idles meanwhile (`_batch_wait`); with training active it trains meanwhile, in
-    chunks that end before the oldest request has waited `max_queue_delay`
-    (`_chunk_while_batch_forms`), and runs the batch at once when no chunk fits.
-    Called with the lock held."""
+    """Whether waiting for a fuller batch pays now: another request is likely to arrive
+    within the delay (at low load a lone request runs at once instead of waiting
+    `max_queue_delay`). With training off the device then idles for it (`_batch_wait`);
+    with training active it trains meanwhile, in chunks that end before the oldest
+    request has waited `max_queue_delay` (`_chunk_while_batch_forms`), and runs the
+    batch at once when no chunk can. Called with the lock held."""
     return self.arrival_rate(now) * self.max_queue_delay_s >= 1.0
 
   def _batch_wait(self, now: float) -> float:
@@ -312,23 +326,32 @@ class DeviceScheduler:
   def _training_active(self) -> bool:
     return self.trainer is not None and self.trainer.active
 
+  def _chunk_time_if_trainable(self, now: float) -> Optional[float]:
+    """The predicted chunk time if a training chunk may run now (training active, no
+    request refused in the last `shed_holdoff`, the input ready, the chunk time known
+    and within `max_chunk`), else None. Called with the lock held."""
+    if (not self._training_active() or now < self._hold_training_until
+        or not self.trainer.input_ready()):
+      return None
+    c = self.timer.predict("chunk")
+    if c is None or (self.max_chunk_s and c > self.max_chunk_s):
+      return None
+    return c
+
   def _chunk_while_batch_forms(self, now: float) -> bool:
     """With requests queued and training active: whether to run one training chunk
     before their batch, so that the batch keeps forming while the device trains (as it
     would while the device idles with training off) instead of running a batch for
-    every chunk's worth of arrivals. Only if the batch is not full and more requests
-    are likely within the delay (`_waits_for_batches`), no request was refused in the
-    last `shed_holdoff`, the input is ready, the predicted chunk ends before the oldest
-    queued request has waited `max_queue_delay` (and fits `max_chunk`), and the
-    earliest deadline leaves room for the chunk, the batch that will have formed by
-    then (the queued images plus the measured arrival rate's) and the margin.
-    Called with the lock held."""
-    if (self._queued_images >= self.max_batch or not self._training_active()
-        or not self._waits_for_batches(now) or now < self._hold_training_until
-        or not self.trainer.input_ready()):
+    every chunk's worth of arrivals. Only if the batch is not full, more requests are
+    likely within the delay (`_waits_for_batches`), a chunk may run
+    (`_chunk_time_if_trainable`), it ends before the oldest queued request has waited
+    `max_queue_delay`, and the earliest deadline leaves room for the chunk, the batch
+    that will have formed by then (the queued images plus the measured arrival rate's)
+    and the margin. Called with the lock held."""
+    if self._queued_images >= self.max_batch or not self._waits_for_batches(now):
       return False
-    c = self.timer.predict("chunk")
-    if c is None or (self.max_chunk_s and c > self.max_chunk_s):
+    c = self._chunk_time_if_trainable(now)
+    if c is None:
       return False
     end = now + c
     if end > self._queue[0].arrival + self.max_queue_delay_s:

@@ -21,7 +21,7 @@ import pytest
 from coltrain.train import Checkpointer
 from tests.conftest import REPO
 
-STEPS = 60
+STEPS = 30
 BASE = ["--config", "configs/default.py", "--config.model=mlp", "--config.batch_size=32",
         "--config.optimizer.warmup_steps=2", "--config.comm.workers=8",
         "--config.eval_every=0", "--config.log_every=5", "--config.keep_checkpoints=20"]

@@ -412,7 +412,7 @@ def _chunk_first_after(s, arrivals, now=None):
   for _ in range(arrivals):
     s.submit(pending(1))
   with s._cv:
-    return s._chunk_while_batch_forms(clock() if now is None else now)
+    return s._chunk_while_batch_forms(clock() if now is None else now) is not None
 
 
 def test_with_training_a_batch_forms_during_chunks_that_end_within_the_delay():
@@ -429,8 +429,8 @@ def test_with_training_a_batch_forms_during_chunks_that_end_within_the_delay():
   _chunk_first_after(s, 100)
   oldest = s._queue[0].arrival                        # the chunk would end after the
   with s._cv:                                         # oldest request waited the delay
-    assert not s._chunk_while_batch_forms(oldest + delay - chunk / 2)
-    assert s._chunk_while_batch_forms(oldest + delay - 2 * chunk)
+    assert s._chunk_while_batch_forms(oldest + delay - chunk / 2) is None
+    assert s._chunk_while_batch_forms(oldest + delay - 2 * chunk) == s.timer.predict("chunk")
   assert not _chunk_first_after(sched(), 1)           # low rate: no batch to wait for
   assert not _chunk_first_after(sched(trainer=False), 100)   # nothing to train
   assert not _chunk_first_after(sched(chunk_s=None), 100)    # chunk time unknown yet
@@ -449,7 +449,7 @@ def test_with_training_a_batch_forms_during_chunks_that_end_within_the_delay():
     batch, c = s.batch_time(32), s.timer.predict("chunk")   # 31 queued: bucket 32
     s.submit(pending(1, deadline=batch + (c + 0.01 if room_for_chunk else c / 2)))
     with s._cv:
-      assert s._chunk_while_batch_forms(clock()) == room_for_chunk
+      assert (s._chunk_while_batch_forms(clock()) is not None) == room_for_chunk
 
 
 def test_requests_arriving_fast_batch_up_while_the_device_trains():

@@ -338,27 +338,28 @@ class DeviceScheduler:
       return None
     return c
 
-  def _chunk_while_batch_forms(self, now: float) -> bool:
-    """With requests queued and training active: whether to run one training chunk
-    before their batch, so that the batch keeps forming while the device trains (as it
-    would while the device idles with training off) instead of running a batch for
-    every chunk's worth of arrivals. Only if the batch is not full, more requests are
-    likely within the delay (`_waits_for_batches`), a chunk may run
-    (`_chunk_time_if_trainable`), it ends before the oldest queued request has waited
-    `max_queue_delay`, and the earliest deadline leaves room for the chunk, the batch
-    that will have formed by then (the queued images plus the measured arrival rate's)
-    and the margin. Called with the lock held."""
+  def _chunk_while_batch_forms(self, now: float) -> Optional[float]:
+    """With requests queued and training active: the predicted chunk time if one
+    training chunk should run before their batch, else None. The batch then keeps
+    forming while the device trains (as it would while the device idles with training
+    off) instead of running a batch for every chunk's worth of arrivals. A chunk runs
+    only if the batch is not full, more requests are likely within the delay
+    (`_waits_for_batches`), a chunk may run (`_chunk_time_if_trainable`), it ends
+    before the oldest queued request has waited `max_queue_delay`, and the earliest
+    deadline leaves room for the chunk, the batch that will have formed by then (the
+    queued images plus the measured arrival rate's) and the margin. Called with the
+    lock held."""
     if self._queued_images >= self.max_batch or not self._waits_for_batches(now):
-      return False
+      return None
     c = self._chunk_time_if_trainable(now)
     if c is None:
-      return False
+      return None
     end = now + c
     if end > self._queue[0].arrival + self.max_queue_delay_s:
-      return False
+      return None
     expect = min(self._queued_images + int(self.arrival_rate(now) * c), self.max_batch)
     earliest = min(p.deadline for p in self._queue)
-    return end + self.batch_time(expect) + self.margin_s <= earliest
+    return c if end + self.batch_time(expect) + self.margin_s <= earliest else None
 
   def _take_batch(self) -> list[Pending]:
     batch, n = [], 0
@@ -399,9 +400,10 @@ class DeviceScheduler:
             return
           now = clock()
           if self._queue:
-            if self._chunk_while_batch_forms(now):
+            chunk = self._chunk_while_batch_forms(now)
+            if chunk is not None:
               train = True
-              self._busy_until = now + (self.timer.predict("chunk") or 0.0)
+              self._busy_until = now + chunk
               break
             wait = self._batch_wait(now)
             if wait <= 0:

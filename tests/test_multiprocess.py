@@ -32,9 +32,15 @@ GOSSIP = BASE + ["--config.comm.algorithm=choco", "--config.comm.compressor=top_
 
 
 def _env(**extra):
+  """The processes' environment. Every run here is compared only with another run of
+  this module (fingerprints, parameters), so they all compile at XLA's backend
+  optimization level 0, which saves compile time in these short runs (measured on the
+  2 cores: 70 s less CPU time, 25 s less wall time for the module)."""
   env = {k: v for k, v in os.environ.items() if not k.startswith("COLTRAIN_")}
   env.pop("JAX_NUM_CPU_DEVICES", None)
   env.pop("NPROC", None)
+  env["XLA_FLAGS"] = " ".join(env.get("XLA_FLAGS", "").split()
+                              + ["--xla_backend_optimization_level=0"])
   env.update(extra)
   return env
 

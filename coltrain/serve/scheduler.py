@@ -253,9 +253,9 @@ class DeviceScheduler:
     input not ready, or the chunk would end too late), the batch starts when the device
     is free. Called with the lock held."""
     start = max(now, self._busy_until)
-    if images >= self.max_batch or not self._waits_for_batches(now):
+    by = self._fill_deadline(images, now)
+    if by is None:
       return start
-    by = (self._queue[0].arrival if self._queue else now) + self.max_queue_delay_s
     if self._training_active():
       c = self._chunk_time_if_trainable(now)
       if c is None or start + c > by:
@@ -312,16 +312,26 @@ class DeviceScheduler:
     batch at once when no chunk can. Called with the lock held."""
     return self.arrival_rate(now) * self.max_queue_delay_s >= 1.0
 
+  def _fill_deadline(self, images: int, now: float) -> Optional[float]:
+    """If a batch of `images` (the queued ones included) is not full and this scheduler
+    waits for a fuller one (`_waits_for_batches`): the latest time it runs, once the
+    oldest queued request (else a request arriving now) has waited `max_queue_delay`.
+    Else None: it runs when the device is free. Called with the lock held."""
+    if images >= self.max_batch or not self._waits_for_batches(now):
+      return None
+    return (self._queue[0].arrival if self._queue else now) + self.max_queue_delay_s
+
   def _batch_wait(self, now: float) -> float:
     """Seconds to idle for a fuller batch (<= 0: run now; never idle with training
     active: see `_chunk_while_batch_forms`). Called with the lock held."""
-    if (self._queued_images >= self.max_batch or not self._waits_for_batches(now)
-        or self._training_active()):
+    if self._training_active():
       return 0.0
-    oldest = self._queue[0]
+    by = self._fill_deadline(self._queued_images, now)
+    if by is None:
+      return 0.0
     earliest = min(p.deadline for p in self._queue)
     run_by = earliest - self.batch_time(self._queued_images) - self.margin_s
-    return min(oldest.arrival + self.max_queue_delay_s, run_by) - now
+    return min(by, run_by) - now
 
   def _training_active(self) -> bool:
     return self.trainer is not None and self.trainer.active
@@ -349,13 +359,14 @@ class DeviceScheduler:
     deadline leaves room for the chunk, the batch that will have formed by then (the
     queued images plus the measured arrival rate's) and the margin. Called with the
     lock held."""
-    if self._queued_images >= self.max_batch or not self._waits_for_batches(now):
+    by = self._fill_deadline(self._queued_images, now)
+    if by is None:
       return None
     c = self._chunk_time_if_trainable(now)
     if c is None:
       return None
     end = now + c
-    if end > self._queue[0].arrival + self.max_queue_delay_s:
+    if end > by:
       return None
     expect = min(self._queued_images + int(self.arrival_rate(now) * c), self.max_batch)
     earliest = min(p.deadline for p in self._queue)

@@ -63,10 +63,11 @@ SERIAL_MODULES = frozenset({
     "test_multiprocess", "test_serve_bridge", "test_serve_cpus", "test_serve_http",
     "test_serve_init_from", "test_serve_loadgen", "test_serve_scheduler",
     "test_serve_server", "test_serve_system"})
-assert all(os.path.exists(os.path.join(REPO, "tests", m + ".py")) for m in SERIAL_MODULES)
+assert all(os.path.exists(os.path.join(REPO, "tests", m + ".py")) for m in SERIAL_MODULES), \
+    "tests/conftest.py: SERIAL_MODULES names a module that does not exist"
 
 
 def pytest_collection_modifyitems(config, items):
   for item in items:
-    if item.module.__name__.rpartition(".")[2] in SERIAL_MODULES:
+    if item.path.stem in SERIAL_MODULES:
       item.add_marker(pytest.mark.serial)

@@ -52,22 +52,3 @@ def run_train_cli(args, timeout=300, **kw):
   """Runs `python -m launch.train ARGS` in the repo; returns the CompletedProcess."""
   return subprocess.run([sys.executable, "-m", "launch.train", *args], cwd=REPO,
                         capture_output=True, text=True, timeout=timeout, **kw)
-
-
-# Modules whose tests measure or depend on wall-clock time on a loaded machine: servers
-# under open-loop load, SLO and shedding checks, the scheduler's timing, and the
-# multi-process runs (their own processes already use every core). They carry the
-# `serial` mark, so the README's test command runs them alone, after the other tests
-# (which it spreads over the cores with pytest-xdist).
-SERIAL_MODULES = frozenset({
-    "test_multiprocess", "test_serve_bridge", "test_serve_cpus", "test_serve_http",
-    "test_serve_init_from", "test_serve_loadgen", "test_serve_scheduler",
-    "test_serve_server", "test_serve_system"})
-assert all(os.path.exists(os.path.join(REPO, "tests", m + ".py")) for m in SERIAL_MODULES), \
-    "tests/conftest.py: SERIAL_MODULES names a module that does not exist"
-
-
-def pytest_collection_modifyitems(config, items):
-  for item in items:
-    if item.path.stem in SERIAL_MODULES:
-      item.add_marker(pytest.mark.serial)

@@ -21,6 +21,8 @@ import pytest
 from coltrain.train import Checkpointer
 from tests.conftest import REPO
 
+pytestmark = pytest.mark.serial   # wall-clock timing: runs alone (pyproject's `serial`)
+
 STEPS = 30
 BASE = ["--config", "configs/default.py", "--config.model=mlp", "--config.batch_size=32",
         "--config.optimizer.warmup_steps=2", "--config.comm.workers=8",

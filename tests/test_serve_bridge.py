@@ -10,12 +10,15 @@ import socket
 import types
 
 import numpy as np
+import pytest
 
 from coltrain.serve import wire
 from coltrain.serve.bridge import FrontEndProcess
 from coltrain.serve.frontend import OUTBOX_DELAY_S, FrontEnd
 from coltrain.serve.metrics import ServeMetrics, parse_metrics
 from coltrain.serve.scheduler import Pending
+
+pytestmark = pytest.mark.serial   # wall-clock timing: runs alone (pyproject's `serial`)
 
 
 def test_results_are_buffered_until_the_batch_is_done_then_sent_in_one_write():

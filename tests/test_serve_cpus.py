@@ -12,6 +12,8 @@ from coltrain.cpus import DeviceCpuClock, check_device_cpus, parse_cpu_list, thr
 from coltrain.serve.metrics import parse_metrics
 from tests.test_serve_server import serve_cfg
 
+pytestmark = pytest.mark.serial   # wall-clock timing: runs alone (pyproject's `serial`)
+
 
 def test_cpu_lists_parse_ids_and_ranges():
   assert parse_cpu_list("1") == {1}

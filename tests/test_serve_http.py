@@ -10,6 +10,8 @@ import pytest
 
 from coltrain.serve.http import Deferred, HTTPServer, Response
 
+pytestmark = pytest.mark.serial   # wall-clock timing: runs alone (pyproject's `serial`)
+
 
 class Running:
   """An HTTPServer with `handler` on its own loop thread."""

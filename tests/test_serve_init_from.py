@@ -20,6 +20,8 @@ from coltrain.train.checkpoint import Checkpointer
 from coltrain.train.step import make_predict_step
 from tests.conftest import small_config
 
+pytestmark = pytest.mark.serial   # wall-clock timing: runs alone (pyproject's `serial`)
+
 
 def run_cfg(steps):
   """launch.train config: constant learning rate, so a 3-step run is the first 3 steps

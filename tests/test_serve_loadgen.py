@@ -13,6 +13,8 @@ import pytest
 
 from launch import colocate_bench, loadgen
 
+pytestmark = pytest.mark.serial   # wall-clock timing: runs alone (pyproject's `serial`)
+
 
 @pytest.mark.parametrize("arrival,cv", [("poisson", 1.0), ("gamma", 2.0)])
 def test_arrival_processes_have_the_requested_rate_and_burstiness(arrival, cv):

@@ -15,6 +15,8 @@ from coltrain.serve.router import Router, Shed
 from coltrain.serve.scheduler import DeviceScheduler, Pending, clock
 from coltrain.serve.timing import OnlineTimer
 
+pytestmark = pytest.mark.serial   # wall-clock timing: runs alone (pyproject's `serial`)
+
 SHAPE = (2, 2, 1)
 
 

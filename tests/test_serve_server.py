@@ -16,6 +16,8 @@ from coltrain.serve.config import with_serve_defaults
 from coltrain.serve.metrics import parse_metrics
 from tests.conftest import small_config
 
+pytestmark = pytest.mark.serial   # wall-clock timing: runs alone (pyproject's `serial`)
+
 
 def serve_cfg(**kw):
   c = with_serve_defaults(small_config(batch_size=16, steps=100_000))

@@ -14,7 +14,8 @@ import pytest
 from coltrain.serve.metrics import parse_metrics
 from launch.colocate_bench import ServeProcess, malformed_check, run_loadgen
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow,
+              pytest.mark.serial]   # wall-clock timing: runs alone (pyproject's `serial`)
 
 
 @pytest.fixture(scope="module")

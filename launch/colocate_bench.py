@@ -36,7 +36,11 @@ over the exact arrival window of each run (sampled 5 times a second); U (inferen
 fraction) is `coltrain_inference_busy_seconds_total`'s rate in A (the device time of
 its batches), and U_device the busy fraction of A's device cores
 (`coltrain_device_cpu_seconds_total`: everything the emulated device ran to serve,
-batching, admission and XLA's dispatch included).
+batching, admission and XLA's dispatch included). Where the device's scheduler thread
+spent its time (`coltrain_device_thread_seconds_total`: batches, their results,
+receiving and admitting requests, deciding, training chunks, and each reason it held
+training) is kept per point as `device_thread` (fractions of wall time) and tabulated
+for A and D in results.md, beside D's chunk time against B's of the same round.
 
 Requests carry the images as the protocol's binary tensor data (`--encoding json`:
 as JSON numbers).
@@ -68,6 +72,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from coltrain.serve.metrics import THREAD_ACTIVITIES
 from launch import loadgen
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -152,11 +157,16 @@ def run_loadgen(url: str, args: list[str], timeout: float) -> dict:
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+THREAD_KEYS = {a: f'coltrain_device_thread_seconds_total{{activity="{a}",replica="0"}}'
+               for a in THREAD_ACTIVITIES}
+
+
 class Poller:
   """Samples counters of several servers 5 times a second: (unix time, {key: value})."""
   KEYS = ("coltrain_train_samples_total", 'coltrain_inference_busy_seconds_total{replica="0"}',
           "coltrain_train_busy_seconds_total", "coltrain_train_steps_total",
-          "coltrain_device_cpu_seconds_total", "coltrain_device_cpus")
+          "coltrain_train_chunks_total", "coltrain_device_cpu_seconds_total",
+          "coltrain_device_cpus") + tuple(THREAD_KEYS.values())
 
   def __init__(self, servers: dict[str, ServeProcess], period: float = 0.2,
                cpus: Optional[frozenset] = None):
@@ -383,6 +393,8 @@ def main(argv=None) -> int:
     log(f"capacity {capacity:.0f} req/s (closed-loop best {closed_best:.0f})")
 
     # (3) B: training only (measured again in every round; each round uses its own)
+    b_chunk_ms: dict[str, float] = {}   # B's mean chunk time per tag
+
     def measure_b(tag: str, seconds: float = duration) -> float:
       S.training(True)
       time.sleep(1.0)
@@ -391,6 +403,9 @@ def main(argv=None) -> int:
       t1 = time.time()
       S.training(False)
       sps = poll.rate("S:coltrain_train_samples_total", t0, t1)
+      chunk = chunk_ms(poll, "S", t0, t1)
+      if chunk is not None:
+        b_chunk_ms[tag] = chunk
       note_load(f"B {tag}")
       log(f"B ({tag}): {sps:.0f} training samples/s")
       time.sleep(0.5)
@@ -440,8 +455,11 @@ def main(argv=None) -> int:
         halves[cfg].append((rec, loadgen.load_raw(raw)))
       for cfg in ("A", "C", "D"):
         results["points"].append(merge_halves(halves[cfg], slo_ms))
+      chunks = [b_chunk_ms[t] for t in (f"rho={rho} half 1", f"rho={rho} half 2")
+                if t in b_chunk_ms]
       b_runs.append({"tag": f"rho={rho}", "rho": rho, "halves": halves["B"],
-                     "train_samples_per_s": float(np.mean(halves["B"]))})
+                     "train_samples_per_s": float(np.mean(halves["B"])),
+                     "chunk_ms": float(np.mean(chunks)) if chunks else None})
       if not a.quick or rho == 0.5:
         for cfg in ("A", "D") if i % 2 == 0 else ("D", "A"):
           results["points"].append(point(cfg, rho, "gamma"))
@@ -557,10 +575,28 @@ def window_metrics(poll: Poller, cfg: str, t0: float, t1: float) -> dict:
               'S:coltrain_inference_busy_seconds_total{replica="0"}', t0, t1),
           "device_busy_fraction": device_busy(poll, "S", t0, t1),
           "train_samples_per_s": (poll.rate(f"{who}:coltrain_train_samples_total", t0, t1)
-                                  if who else 0.0)}
+                                  if who else 0.0),
+          "chunk_ms": chunk_ms(poll, "S", t0, t1) if cfg == "D" else None,
+          "device_thread": device_thread(poll, "S", t0, t1)}
 
 
 MERGED_RATES = ("inference_busy_fraction", "device_busy_fraction", "train_samples_per_s")
+
+
+def device_thread(poll: Poller, server: str, t0: float, t1: float) -> Optional[dict]:
+  """{activity: fraction of wall time} of `server`'s scheduler thread (replica 0) over
+  [t0, t1] (`coltrain_device_thread_seconds_total`); None without samples."""
+  rates = {a: poll.rate(f"{server}:{k}", t0, t1) for a, k in THREAD_KEYS.items()}
+  if any(v is None for v in rates.values()):
+    return None
+  return {a: round(v, 5) for a, v in rates.items()}
+
+
+def chunk_ms(poll: Poller, server: str, t0: float, t1: float) -> Optional[float]:
+  """The mean training chunk time (ms) of `server` over [t0, t1]; None without chunks."""
+  busy = poll.rate(f"{server}:coltrain_train_busy_seconds_total", t0, t1)
+  chunks = poll.rate(f"{server}:coltrain_train_chunks_total", t0, t1)
+  return 1e3 * busy / chunks if busy is not None and chunks else None
 
 
 def merge_halves(halves: list[tuple[dict, dict]], slo_ms: float) -> dict:
@@ -578,11 +614,20 @@ def merge_halves(halves: list[tuple[dict, dict]], slo_ms: float) -> dict:
          "rate_rps": first["rate_rps"],
          "loadavg_1m": round(float(np.mean([rec["loadavg_1m"] for rec in recs])), 2),
          **merged}
+  weights = spans if sum(spans) > 0 else None
   for key in MERGED_RATES:
     vals = [rec.get(key) for rec in recs]
     out[key] = (None if any(v is None for v in vals)
-                else float(np.average(vals, weights=spans)) if sum(spans) > 0
-                else float(np.mean(vals)))
+                else float(np.average(vals, weights=weights)))
+  threads = [rec.get("device_thread") for rec in recs]
+  out["device_thread"] = (None if any(t is None for t in threads) else
+                          {a: round(float(np.average([t.get(a, 0.0) for t in threads],
+                                                     weights=weights)), 5)
+                           for a in threads[0]})
+  chunks = [(rec.get("chunk_ms"), w) for rec, w in zip(recs, spans)]
+  out["chunk_ms"] = (None if any(c is None for c, _ in chunks) else
+                     float(np.average([c for c, _ in chunks],
+                                      weights=[w for _, w in chunks] if weights else None)))
   out["halves"] = [{"window_unix": rec["window_unix"], "requests": rec.get("requests"),
                     "slo_attainment": rec.get("slo_attainment"),
                     "p99_ms": rec.get("latency_ms", {}).get("p99"),
@@ -619,6 +664,15 @@ def _get(points, cfg, rho, arrival="poisson"):
   for p in points:
     if p["config"] == cfg and p["rho"] == rho and p["arrival"] == arrival:
       return p
+  return None
+
+
+def b_chunk_for(results: dict, rho: float) -> Optional[float]:
+  """B's mean chunk time (ms) in the round of `rho`, if measured (runs since the thread
+  accounting)."""
+  for r in results["B"].get("runs", ()):
+    if isinstance(r, dict) and r.get("rho") == rho:
+      return r.get("chunk_ms")
   return None
 
 
@@ -673,8 +727,43 @@ def summarize(results: dict) -> list[dict]:
           "harvest_from_idle": from_idle,
           "U_own": x.get("inference_busy_fraction"),
           "slo_attainment_A": a.get("slo_attainment"),
-          "shed_fraction": x.get("shed_fraction")})
+          "shed_fraction": x.get("shed_fraction"),
+          **({"chunk_ms": x.get("chunk_ms"), "chunk_ms_B": b_chunk_for(results, rho),
+              "device_thread": x.get("device_thread"),
+              "device_thread_A": a.get("device_thread")} if cfg == "D" else {})})
   return out
+
+
+THREAD_GROUPS = (   # results.md's columns: activity groups of the scheduler thread
+    ("batches", ("inference",)), ("their results", ("inference_results",)),
+    ("receive + admit", ("receive",)), ("decide", ("decide",)),
+    ("training chunks", ("training", "training_other")),
+    ("held: request incoming", ("wait_incoming",)), ("held: after a shed", ("wait_holdoff",)),
+    ("held: input / slack", ("wait_input", "wait_slack")),
+    ("idle", ("wait_batch", "wait_idle")))
+
+
+def thread_table(results: dict) -> list[str]:
+  """results.md lines: where A's and D's scheduler thread (the emulated device) spent
+  its time per rho (Poisson), and D's chunk time against B's of the same round."""
+  rows = [s for s in results.get("summary", ())
+          if s["config"] == "D" and s["arrival"] == "poisson" and s.get("device_thread")
+          and s.get("device_thread_A")]
+  if not rows:
+    return []
+  lines = ["", "Where the device's scheduler thread spent its time (fractions of wall time, "
+           "`coltrain_device_thread_seconds_total`; Poisson), and D's mean training chunk "
+           "against B's of the same round:", "",
+           "| rho | config | " + " | ".join(g for g, _ in THREAD_GROUPS) + " | chunk (ms) |",
+           "| --- | --- | " + " | ".join("---" for _ in THREAD_GROUPS) + " | --- |"]
+  for s in rows:
+    for cfg, t in (("A", s["device_thread_A"]), ("D", s["device_thread"])):
+      cells = [f"{sum(t.get(a, 0.0) for a in acts):.3f}" for _, acts in THREAD_GROUPS]
+      chunk = ("" if cfg == "A" or s.get("chunk_ms") is None else
+               f"{s['chunk_ms']:.3f}" + (f" (B {s['chunk_ms_B']:.3f})"
+                                           if s.get("chunk_ms_B") else ""))
+      lines.append(f"| {s['rho']} | {cfg} | " + " | ".join(cells) + f" | {chunk} |")
+  return lines
 
 
 def write_table(results: dict, path: str) -> None:
@@ -698,6 +787,7 @@ def write_table(results: dict, path: str) -> None:
         f"{s['harvest_efficiency']:.3f} | {opt(s.get('U_device'))} | "
         f"{opt(s.get('harvest_efficiency_device'))} | {opt(s.get('harvest_from_idle'))} | "
         f"{opt(s.get('U_own'))} | {s['slo_attainment_A']:.4f} |")
+  lines += thread_table(results)
   tails = [p for p in results["points"]
            if p.get("latency_breakdown_ms", {}).get("tail") and p["config"] in ("A", "D")
            and p["arrival"] == "poisson"]

@@ -456,6 +456,55 @@ def test_halves_merge_into_one_point_with_time_weighted_counter_rates():
   assert p["window_unix"] == [0.0, 60.0] and p["throughput_rps"] == pytest.approx(0.1)
 
 
+def test_device_thread_fractions_chunk_time_and_their_table(tmp_path):
+  acts = colocate_bench.THREAD_KEYS
+  rates = {"inference": 0.3, "inference_results": 0.05, "training": 0.4,
+           "training_other": 0.01, "receive": 0.06, "decide": 0.03, "wait_holdoff": 0.15}
+  poll = colocate_bench.Poller({})
+  poll.samples = [(t, {**{f"S:{k}": rates.get(a, 0.0) * t for a, k in acts.items()},
+                       "S:coltrain_train_busy_seconds_total": 0.4 * t,
+                       "S:coltrain_train_chunks_total": 500.0 * t}) for t in (5.0, 6.0, 8.0)]
+  t = colocate_bench.device_thread(poll, "S", 5.0, 8.0)
+  assert set(t) == set(acts) and sum(t.values()) == pytest.approx(1.0)
+  assert t["receive"] == pytest.approx(0.06) and t["wait_idle"] == 0.0
+  assert colocate_bench.chunk_ms(poll, "S", 5.0, 8.0) == pytest.approx(0.8)  # 0.4 s / 500
+  assert colocate_bench.device_thread(poll, "T", 5.0, 8.0) is None            # no samples
+  assert colocate_bench.chunk_ms(poll, "T", 5.0, 8.0) is None
+  # halves merge time-weighted (10 s and 30 s windows), like the other rates
+  def half(t0, t1, thread, chunk):
+    rec = {"config": "D", "rho": 0.5, "arrival": "poisson", "rate_rps": 100.0,
+           "loadavg_1m": 1.0, "window_unix": [t0, t1], "inference_busy_fraction": 0.3,
+           "device_busy_fraction": None, "train_samples_per_s": 100.0,
+           "device_thread": thread, "chunk_ms": chunk}
+    raw = {"latency": np.array([0.001]), "recs": [[200, 1, 1]], "late": np.zeros(1),
+           "server_ms": np.full((1, 2), np.nan), "wall": t1 - t0, "window_unix": [t0, t1]}
+    return rec, raw
+  p = colocate_bench.merge_halves([half(0.0, 10.0, {"training": 0.2, "receive": 0.1}, 1.0),
+                                   half(30.0, 60.0, {"training": 0.6, "receive": 0.0}, 0.6)],
+                                  10.0)
+  assert p["device_thread"] == pytest.approx({"training": 0.5, "receive": 0.025})
+  assert p["chunk_ms"] == pytest.approx(0.7)
+  # the summary carries D's and A's split and D's chunk time beside B's of its round;
+  # results.md tabulates them
+  a = {**_point("A", 0.5, 4.0, 0.0, busy=0.3), "device_thread": {"inference": 0.3,
+                                                                  "wait_idle": 0.7}}
+  d = {**_point("D", 0.5, 5.0, 40.0), "device_thread": t, "chunk_ms": 0.8}
+  results = {"B": {"train_samples_per_s": 100.0,
+                   "runs": [{"tag": "rho=0.5", "rho": 0.5, "train_samples_per_s": 100.0,
+                             "chunk_ms": 0.64}]},
+             "slo_ms": 10.0, "capacity": {"rps": 500.0}, "points": [a, d], "overload": [],
+             "conditions": {"loadavg": []}}
+  results["summary"] = colocate_bench.summarize(results)
+  sd = results["summary"][0]
+  assert sd["chunk_ms"] == 0.8 and sd["chunk_ms_B"] == 0.64
+  assert sd["device_thread"] is t and sd["device_thread_A"] == a["device_thread"]
+  colocate_bench.write_table(results, str(tmp_path / "t.md"))
+  text = (tmp_path / "t.md").read_text()
+  assert "| 0.5 | A | 0.300 | 0.000 | 0.000 | 0.000 | 0.000 | 0.000 | 0.000 | 0.000 | 0.700 |  |" in text
+  assert ("| 0.5 | D | 0.300 | 0.050 | 0.060 | 0.030 | 0.410 | 0.000 | 0.150 | 0.000 | 0.000 |"
+          " 0.800 (B 0.640) |") in text
+
+
 def test_malformed_request_set_covers_many_kinds():
   bodies = colocate_bench.malformed_bodies(1000)
   assert len(bodies) == 1000 and len({b for _, b in bodies}) > 100

@@ -163,6 +163,72 @@ def test_a_scheduler_that_receives_its_own_requests_admits_them_before_deciding(
   assert 0.0 in link.polls                       # drained between device calls
 
 
+class SlowPredictor(FakePredictor):
+  def __call__(self, weights, images):
+    time.sleep(0.002)
+    return super().__call__(weights, images)
+
+
+def test_the_thread_accounting_splits_its_wall_time_by_activity():
+  """`thread_seconds` adds up to the thread's wall time, and each activity gets what it
+  did: batches, chunks, the link's admission work, a hold-off, idling."""
+  log = []
+  trainer = FakeTrainer(log)                       # chunks of 1 ms
+  pred = SlowPredictor(8)                          # batches of 2 ms
+  s, _ = make_sched(trainer=trainer, predictor=pred)
+  woken, inbox, handled = threading.Event(), [], []
+
+  def poll(timeout):                               # a link that honours its timeout
+    if not inbox and timeout:
+      woken.wait(timeout)
+    woken.clear()
+    if not inbox:
+      return 0.0
+    t0 = clock()
+    while inbox:
+      s.submit(inbox.pop(0))
+    time.sleep(0.003)                              # admission work, as the link reports it
+    handled.append(clock() - t0)
+    return handled[-1]
+
+  s.poll, s.wake_poll = poll, woken.set
+  metrics = ServeMetrics()
+  from coltrain.serve.metrics import THREAD_ACTIVITIES
+  metrics.track_thread_seconds(0, s.thread_seconds, THREAD_ACTIVITIES)
+  t_start = clock()
+  s.start()
+  try:
+    wait_for(lambda: trainer.calls >= 20)
+    trainer.enabled = False                        # idle: requests arrive on the link
+    s.wake()
+    time.sleep(0.05)
+    reqs = [pending(1) for _ in range(3)]
+    inbox.extend(reqs)
+    woken.set()
+    for p in reqs:
+      assert p.done.wait(30)
+    trainer.enabled = True                         # a shed: training held for 0.1 s
+    s.hold_training(clock() + 0.1)
+    s.wake()
+    time.sleep(0.15)
+  finally:
+    s.stop()
+  t_stop = clock()
+  acc = dict(zip(THREAD_ACTIVITIES, s.thread_seconds))
+  assert all(v >= 0 for v in acc.values()), acc
+  # every moment of the thread is counted once: from its start to its exit
+  assert t_stop - t_start - 0.05 <= sum(acc.values()) <= t_stop - t_start
+  assert acc["inference"] >= 0.002 * len(pred.sizes) and len(pred.sizes) >= 1
+  assert acc["training"] >= 0.001 * trainer.calls
+  assert acc["receive"] >= sum(handled) >= 0.003   # the link's work, out of the wait
+  assert acc["wait_holdoff"] >= 0.08
+  assert acc["wait_idle"] >= 0.04
+  assert acc["wait_batch"] == acc["wait_slack"] == acc["wait_input"] == 0.0
+  scraped = parse_metrics(metrics.render().decode())
+  for name, v in acc.items():
+    assert scraped[f'coltrain_device_thread_seconds_total{{activity="{name}",replica="0"}}'] == v
+
+
 def test_inference_runs_before_any_training_chunk_while_requests_wait():
   log = []
   trainer = FakeTrainer(log)

@@ -60,6 +60,7 @@ from coltrain.serve import wire
 from coltrain.serve.http import Response
 from coltrain.serve.router import Shed
 from coltrain.serve.scheduler import Pending
+from coltrain.serve.timing import clock
 
 if TYPE_CHECKING:
   from coltrain.serve.server import Server
@@ -305,34 +306,38 @@ class FrontEndProcess:
       traceback.print_exc()
       self.error = f"front-end bridge: {type(e).__name__}: {e}"
 
-  def pump(self, timeout: Optional[float]) -> None:
+  def pump(self, timeout: Optional[float]) -> float:
     """Receives the requests waiting on the data link and admits them (`Router.submit`;
     a shed is answered at once), first waiting up to `timeout` seconds (None: without
     limit) for one to arrive or for `wake()`. Called by the thread that owns the data
-    link: the scheduler (one replica) or the data thread."""
+    link: the scheduler (one replica) or the data thread. Returns the seconds spent
+    after the wait (receiving and admitting), which the scheduler counts apart from
+    its waiting."""
     sock = self._data
     if self._data_eof or sock is None:
       if timeout is None or timeout > 0:
         select.select([self._wake_r], [], [], timeout)
         self._drain_wake()
-      return
+      return 0.0
     if timeout is None or timeout > 0:
       ready, _, _ = select.select([sock, self._wake_r], [], [], timeout)
       if self._wake_r in ready:
         self._drain_wake()
       if sock not in ready:
-        return
+        return 0.0
+    t0 = clock()
     try:
       messages = self._data_reader.recv(sock)
     except BlockingIOError:
-      return
+      return clock() - t0
     except OSError:
       messages = None
     if messages is None:
       self._data_eof = True
-      return
+      return clock() - t0
     for kind, payload in messages:
       self._handle(self._data_handlers, kind, payload)
+    return clock() - t0
 
   def wake(self) -> None:
     """Ends a `pump` wait early (from any thread)."""

@@ -14,14 +14,35 @@ Exposed at `/metrics` in the Prometheus text format. Names (all prefixed `coltra
   device_cpu_seconds_total, device_cpus    with a device/host split (`serve.device_cpus`):
                                   on-CPU seconds of the threads on the device cores and
                                   their number (rate / device_cpus = device busy fraction)
+  device_thread_seconds_total{replica,activity}   wall seconds of each replica's
+                                  scheduler thread by activity
+                                  (`THREAD_ACTIVITIES`); the
+                                  activities' rates sum to 1 while the thread runs
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import prometheus_client as prom
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+# What a replica's scheduler thread spends its wall time on
+# (`DeviceScheduler.thread_seconds`, `device_thread_seconds_total{activity}`):
+THREAD_ACTIVITIES = (
+    "inference",          # the batches' device calls (= inference_busy_seconds_total)
+    "inference_results",  # the rest of a batch: inputs, results, metrics, sending them
+    "training",           # the training chunks (= train_busy_seconds_total)
+    "training_other",     # the rest of a chunk's turn: its metrics
+    "receive",            # receiving and admitting requests (one replica: `poll`)
+    "decide",             # the loop's decisions and locking
+    "wait_batch",         # idle for a fuller batch (training off)
+    "wait_idle",          # nothing to do (no request, training off or done)
+    "wait_incoming",      # training held while a request is being received
+    "wait_holdoff",       # training held after a shed (`hold_training`)
+    "wait_input",         # training held until the input thread has a micro-batch
+    "wait_slack",         # training held: the chunk does not fit the slack
+)
 
 _LAT = (.0005, .001, .002, .003, .005, .0075, .01, .015, .02, .03, .05, .075, .1, .25, .5,
         1.0, 2.5)
@@ -85,6 +106,12 @@ class ServeMetrics:
     scrape, e.g. `coltrain.cpus.DeviceCpuClock.seconds`) and `coltrain_device_cpus`."""
     self.registry.register(_DeviceCpuCollector(seconds, cpus))
 
+  def track_thread_seconds(self, replica: int, seconds: Sequence[float],
+                           activities: Sequence[str]) -> None:
+    """Exposes `coltrain_device_thread_seconds_total{replica,activity}`: `seconds[i]`
+    (read at each scrape; the scheduler thread adds to it) for `activities[i]`."""
+    self.registry.register(_ThreadSecondsCollector(replica, seconds, activities))
+
   def render(self) -> bytes:
     return prom.generate_latest(self.registry)
 
@@ -99,6 +126,19 @@ class _DeviceCpuCollector:
                               value=self._seconds())
     yield GaugeMetricFamily("coltrain_device_cpus", "Cores reserved for the device",
                             value=self._cpus)
+
+
+class _ThreadSecondsCollector:
+  def __init__(self, replica: int, seconds: Sequence[float], activities: Sequence[str]):
+    self._replica, self._seconds, self._activities = str(replica), seconds, activities
+
+  def collect(self):
+    m = CounterMetricFamily("coltrain_device_thread_seconds",
+                            "Wall seconds of the scheduler thread by activity",
+                            labels=["replica", "activity"])
+    for name, value in zip(self._activities, list(self._seconds)):
+      m.add_metric([self._replica, name], value)
+    yield m
 
 
 def parse_metrics(text: str) -> dict[str, float]:

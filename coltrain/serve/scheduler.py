@@ -25,6 +25,11 @@
    see `coltrain.serve.bridge`): it admits what arrived before every decision, and
    its waits are waits on that link.
 
+Where the thread's time goes is counted in `thread_seconds` (wall seconds per
+`THREAD_ACTIVITIES` entry, exposed as `coltrain_device_thread_seconds_total`): on a
+CPU-emulated device this thread is the device, so the split shows how much of the
+device serving takes beyond its batches and why it waited instead of training.
+
 `expected_completion(n, now)` predicts when `n` more images would be done here (current
 work, the batching wait if this scheduler would wait, queued work + their batch), for
 admission control and least-expected-completion-time routing (`Router`). Weights are
@@ -41,12 +46,14 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from coltrain.serve.metrics import ServeMetrics
+from coltrain.serve.metrics import THREAD_ACTIVITIES, ServeMetrics
 from coltrain.serve.model import Predictor, Weights, bucket_for
 from coltrain.serve.timing import OnlineTimer, clock
 from coltrain.serve.trainer import ChunkTrainer
 
 RATE_TAU_S = 1.0   # time constant of the arrival-rate estimate
+
+_ACT = {name: i for i, name in enumerate(THREAD_ACTIVITIES)}
 
 
 _DONE_LOCK = threading.Lock()   # orders `Pending.finish` and a first `Pending.done`
@@ -135,6 +142,10 @@ class DeviceScheduler:
     # (the front-end bridge writes a batch's results with one system call).
     self.results_done: Callable[[], None] = lambda: None
     self._ident: Optional[int] = None
+    # wall seconds of the scheduler thread per THREAD_ACTIVITIES entry (only this thread
+    # writes; a reader sees each float whole); `_mark`: the end of the last one counted
+    self.thread_seconds = [0.0] * len(THREAD_ACTIVITIES)
+    self._mark = 0.0
     self._busy_metric = metrics.inference_busy.labels(replica=str(index))
 
   # -- set-up ----------------------------------------------------------------------------
@@ -382,29 +393,47 @@ class DeviceScheduler:
     return batch
 
   # -- the loop --------------------------------------------------------------------------
-  def _wait(self, timeout: float) -> None:
+  def _spend(self, activity: int) -> float:
+    """Counts the time since the last mark as `activity` (a THREAD_ACTIVITIES index);
+    returns now."""
+    now = clock()
+    self.thread_seconds[activity] += now - self._mark
+    self._mark = now
+    return now
+
+  def _wait(self, timeout: float, why: int) -> None:
     """Waits (with `_cv` held once) up to `timeout` s for a request: on the condition,
-    or receiving requests with `poll` (the lock released meanwhile)."""
+    or receiving requests with `poll` (the lock released meanwhile). The wait counts as
+    activity `why`, the requests received during it as "receive"."""
+    self._spend(_ACT["decide"])
     poll = self.poll
+    handled = 0.0
     if poll is None:
       self._cv.wait(timeout)
-      return
-    self._cv.release()
-    try:
-      poll(timeout)
-    finally:
-      self._cv.acquire()
+    else:
+      self._cv.release()
+      try:
+        handled = poll(timeout) or 0.0
+      finally:
+        self._cv.acquire()
+    self.thread_seconds[_ACT["receive"]] += handled
+    self.thread_seconds[why] -= handled
+    self._spend(why)
 
   def _loop(self) -> None:
     self._ident = threading.get_ident()
     if self._on_thread_start is not None:
       self._on_thread_start()
+    self._mark = clock()
+    decide, receive = _ACT["decide"], _ACT["receive"]
     while True:
       batch = None
       train = False
       poll = self.poll
       if poll is not None:   # admit what arrived during the last device call
+        self._spend(decide)
         poll(0.0)
+        self._spend(receive)
       with self._cv:
         while True:
           if self._stopped:
@@ -421,17 +450,18 @@ class DeviceScheduler:
               batch = self._take_batch()
               self._busy_until = now + self.batch_time(sum(p.n for p in batch))
               break
-            self._wait(wait)
+            self._wait(wait, _ACT["wait_batch"])
             continue
           if self._training_active():
             if self.incoming():   # a request is being parsed: it will be queued soon
-              self._wait(0.0005)
+              self._wait(0.0005, _ACT["wait_incoming"])
               continue
             if now < self._hold_training_until:   # requests were refused just now
-              self._wait(min(self._hold_training_until - now, 0.01))
+              self._wait(min(self._hold_training_until - now, 0.01),
+                         _ACT["wait_holdoff"])
               continue
             if not self.trainer.input_ready():    # never wait for input on the device
-              self._wait(0.001)
+              self._wait(0.001, _ACT["wait_input"])
               continue
             if self.chunk_fits(now):
               train = True
@@ -442,14 +472,17 @@ class DeviceScheduler:
             # estimates that decide (chunk and batch times, half-life ~0.7 s: they are
             # not being sampled now) so one slow spell cannot starve training.
             self.timer.relax_all(0.01)
-            self._wait(0.01)
+            self._wait(0.01, _ACT["wait_slack"])
             continue
-          self._wait(0.1)
+          self._wait(0.1, _ACT["wait_idle"])
+      self._spend(decide)
       try:
         if batch:
           self._run_inference(batch)
+          self._spend(_ACT["inference_results"])
         elif train:
           self._run_chunk()
+          self._spend(_ACT["training_other"])
       except Exception as e:  # never let one bad batch kill the device loop
         for p in batch or ():
           if p.finished_at is None:
@@ -472,6 +505,10 @@ class DeviceScheduler:
     logits = self.predictor(weights, images)
     t1 = clock()
     dt = t1 - t0
+    acc = self.thread_seconds   # the device call is "inference", the rest of the batch
+    acc[_ACT["inference_results"]] += t0 - self._mark   # "inference_results"
+    acc[_ACT["inference"]] += dt
+    self._mark = t1
     b = bucket_for(n, self.max_batch)
     self.timer.update(b, dt)
     for other in self.predictor.buckets:   # estimates not sampled now slowly relax
@@ -498,7 +535,12 @@ class DeviceScheduler:
     steps_before, failed_before = tr.opt_steps, tr.failure is not None
     t0 = clock()
     samples = tr.run_chunk()
-    dt = clock() - t0
+    t1 = clock()
+    dt = t1 - t0
+    acc = self.thread_seconds   # the chunk is "training", its metrics "training_other"
+    acc[_ACT["training_other"]] += t0 - self._mark
+    acc[_ACT["training"]] += dt
+    self._mark = t1
     if samples:
       self.timer.update("chunk", dt)
     m = self.metrics

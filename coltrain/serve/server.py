@@ -36,7 +36,7 @@ from coltrain.serve.init_from import restore_train_state
 from coltrain.serve.metrics import ServeMetrics
 from coltrain.serve.model import Predictor, Weights
 from coltrain.serve.router import Router
-from coltrain.serve.scheduler import DeviceScheduler
+from coltrain.serve.scheduler import THREAD_ACTIVITIES, DeviceScheduler
 from coltrain.serve.trainer import ChunkTrainer
 from coltrain.train.loop import resolve_numerics
 from coltrain.train.optim import make_optimizer
@@ -104,6 +104,8 @@ class Server:
           max_queue=s.max_queue, metrics=self.metrics,
           trainer=self.trainer if r == s.train_replica else None,
           max_chunk_s=s.max_chunk_ms / 1e3))
+    for sch in self.schedulers:
+      self.metrics.track_thread_seconds(sch.index, sch.thread_seconds, THREAD_ACTIVITIES)
     self.warmup_seconds = [sch.warmup() for sch in self.schedulers]
     self.batch1_device_s = float(np.median([w[1] for w in self.warmup_seconds]))
     self.batch1_http_s: Optional[float] = None

@@ -1,6 +1,8 @@
 """Splitting a CPU machine into the emulated device and the host (coltrain.cpus)."""
 
 import os
+import subprocess
+import sys
 import threading
 import time
 
@@ -119,3 +121,25 @@ def test_launch_serve_sizes_xla_pool_to_the_reserved_cores(monkeypatch):
   assert _default_nproc([]) == max(2, os.cpu_count() or 1)
   monkeypatch.setenv("JAX_NUM_CPU_DEVICES", "4")
   assert _default_nproc(["--config.serve.device_cpus=1"]) == 8   # collectives need > 4
+
+
+def _serve_env(argv, **env):
+  """XLA_FLAGS as `launch.serve` leaves them when started with `argv`."""
+  code = ("import os, sys; sys.argv = ['launch.serve'] + sys.argv[1:]; import launch.serve; "
+          "print(repr(os.environ.get('XLA_FLAGS')))")
+  base = {k: v for k, v in os.environ.items()
+          if k not in ("NPROC", "XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
+  out = subprocess.run([sys.executable, "-c", code, *argv], env={**base, **env},
+                       capture_output=True, text=True, timeout=120, check=True)
+  return eval(out.stdout.strip().splitlines()[-1])
+
+
+def test_launch_serve_runs_xla_inline_on_a_one_core_device():
+  from launch.serve import XLA_ONE_CORE_FLAG
+  flags = _serve_env(["--config.serve.device_cpus=1"], XLA_FLAGS="--xla_cpu_use_thunk_runtime=true")
+  assert flags == f"--xla_cpu_use_thunk_runtime=true {XLA_ONE_CORE_FLAG}"
+  assert _serve_env(["--config.serve.device_cpus=1"]) == XLA_ONE_CORE_FLAG
+  # a user's own setting wins; several device cores keep XLA's default
+  mine = "--xla_cpu_enable_concurrency_optimized_scheduler=true"
+  assert _serve_env(["--config.serve.device_cpus=1"], XLA_FLAGS=mine) == mine
+  assert _serve_env(["--config.serve.device_cpus=0-1"]) is None

@@ -393,9 +393,10 @@ def main(argv=None) -> int:
     log(f"capacity {capacity:.0f} req/s (closed-loop best {closed_best:.0f})")
 
     # (3) B: training only (measured again in every round; each round uses its own)
-    b_chunk_ms: dict[str, float] = {}   # B's mean chunk time per tag
-
-    def measure_b(tag: str, seconds: float = duration) -> float:
+    def measure_b(tag: str, seconds: float = duration,
+                  chunks: Optional[list] = None) -> float:
+      """B's training samples/s over `seconds`; its mean chunk time (ms), if measured,
+      is appended to `chunks`."""
       S.training(True)
       time.sleep(1.0)
       t0 = time.time()
@@ -404,8 +405,8 @@ def main(argv=None) -> int:
       S.training(False)
       sps = poll.rate("S:coltrain_train_samples_total", t0, t1)
       chunk = chunk_ms(poll, "S", t0, t1)
-      if chunk is not None:
-        b_chunk_ms[tag] = chunk
+      if chunk is not None and chunks is not None:
+        chunks.append(chunk)
       note_load(f"B {tag}")
       log(f"B ({tag}): {sps:.0f} training samples/s")
       time.sleep(0.5)
@@ -446,20 +447,20 @@ def main(argv=None) -> int:
     for i, rho in enumerate(rhos):
       order = ROUND_ORDER[i % 4:] + ROUND_ORDER[:i % 4]
       halves: dict[str, list] = {cfg: [] for cfg in order}
+      b_chunks: list[float] = []
       for k, cfg in enumerate(order + order[::-1]):
         if cfg == "B":
-          halves["B"].append(measure_b(f"rho={rho} half {len(halves['B']) + 1}", half))
+          halves["B"].append(measure_b(f"rho={rho} half {len(halves['B']) + 1}", half,
+                                       b_chunks))
           continue
         raw = os.path.join(work, f"{cfg}_{rho}_{k}.npz")
         rec = point(cfg, rho, "poisson", half, a.seed + k, raw)
         halves[cfg].append((rec, loadgen.load_raw(raw)))
       for cfg in ("A", "C", "D"):
         results["points"].append(merge_halves(halves[cfg], slo_ms))
-      chunks = [b_chunk_ms[t] for t in (f"rho={rho} half 1", f"rho={rho} half 2")
-                if t in b_chunk_ms]
       b_runs.append({"tag": f"rho={rho}", "rho": rho, "halves": halves["B"],
                      "train_samples_per_s": float(np.mean(halves["B"])),
-                     "chunk_ms": float(np.mean(chunks)) if chunks else None})
+                     "chunk_ms": float(np.mean(b_chunks)) if b_chunks else None})
       if not a.quick or rho == 0.5:
         for cfg in ("A", "D") if i % 2 == 0 else ("D", "A"):
           results["points"].append(point(cfg, rho, "gamma"))
@@ -580,7 +581,8 @@ def window_metrics(poll: Poller, cfg: str, t0: float, t1: float) -> dict:
           "device_thread": device_thread(poll, "S", t0, t1)}
 
 
-MERGED_RATES = ("inference_busy_fraction", "device_busy_fraction", "train_samples_per_s")
+MERGED_RATES = ("inference_busy_fraction", "device_busy_fraction", "train_samples_per_s",
+                "chunk_ms")
 
 
 def device_thread(poll: Poller, server: str, t0: float, t1: float) -> Optional[dict]:
@@ -624,10 +626,6 @@ def merge_halves(halves: list[tuple[dict, dict]], slo_ms: float) -> dict:
                           {a: round(float(np.average([t.get(a, 0.0) for t in threads],
                                                      weights=weights)), 5)
                            for a in threads[0]})
-  chunks = [(rec.get("chunk_ms"), w) for rec, w in zip(recs, spans)]
-  out["chunk_ms"] = (None if any(c is None for c, _ in chunks) else
-                     float(np.average([c for c, _ in chunks],
-                                      weights=[w for _, w in chunks] if weights else None)))
   out["halves"] = [{"window_unix": rec["window_unix"], "requests": rec.get("requests"),
                     "slo_attainment": rec.get("slo_attainment"),
                     "p99_ms": rec.get("latency_ms", {}).get("p99"),

@@ -1,5 +1,6 @@
 """Splitting a CPU machine into the emulated device and the host (coltrain.cpus)."""
 
+import json
 import os
 import subprocess
 import sys
@@ -125,13 +126,13 @@ def test_launch_serve_sizes_xla_pool_to_the_reserved_cores(monkeypatch):
 
 def _serve_env(argv, **env):
   """XLA_FLAGS as `launch.serve` leaves them when started with `argv`."""
-  code = ("import os, sys; sys.argv = ['launch.serve'] + sys.argv[1:]; import launch.serve; "
-          "print(repr(os.environ.get('XLA_FLAGS')))")
+  code = ("import json, os, sys; sys.argv = ['launch.serve'] + sys.argv[1:]; "
+          "import launch.serve; print(json.dumps(os.environ.get('XLA_FLAGS')))")
   base = {k: v for k, v in os.environ.items()
           if k not in ("NPROC", "XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
   out = subprocess.run([sys.executable, "-c", code, *argv], env={**base, **env},
                        capture_output=True, text=True, timeout=120, check=True)
-  return eval(out.stdout.strip().splitlines()[-1])
+  return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def test_launch_serve_runs_xla_inline_on_a_one_core_device():

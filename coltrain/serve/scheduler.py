@@ -53,7 +53,13 @@ from coltrain.serve.trainer import ChunkTrainer
 
 RATE_TAU_S = 1.0   # time constant of the arrival-rate estimate
 
-_ACT = {name: i for i, name in enumerate(THREAD_ACTIVITIES)}
+# indices into `DeviceScheduler.thread_seconds` (resolved once, not per loop pass)
+(_INFERENCE, _INFERENCE_RESULTS, _TRAINING, _TRAINING_OTHER, _RECEIVE, _DECIDE,
+ _WAIT_BATCH, _WAIT_IDLE, _WAIT_INCOMING, _WAIT_HOLDOFF, _WAIT_INPUT,
+ _WAIT_SLACK) = (THREAD_ACTIVITIES.index(a) for a in (
+     "inference", "inference_results", "training", "training_other", "receive", "decide",
+     "wait_batch", "wait_idle", "wait_incoming", "wait_holdoff", "wait_input",
+     "wait_slack"))
 
 
 _DONE_LOCK = threading.Lock()   # orders `Pending.finish` and a first `Pending.done`
@@ -393,19 +399,19 @@ class DeviceScheduler:
     return batch
 
   # -- the loop --------------------------------------------------------------------------
-  def _spend(self, activity: int) -> float:
-    """Counts the time since the last mark as `activity` (a THREAD_ACTIVITIES index);
-    returns now."""
-    now = clock()
-    self.thread_seconds[activity] += now - self._mark
-    self._mark = now
-    return now
+  def _spend(self, activity: int, until: Optional[float] = None) -> None:
+    """Counts the time from the last mark to `until` (default: now) as `activity` (a
+    THREAD_ACTIVITIES index), and marks `until`."""
+    if until is None:
+      until = clock()
+    self.thread_seconds[activity] += until - self._mark
+    self._mark = until
 
   def _wait(self, timeout: float, why: int) -> None:
     """Waits (with `_cv` held once) up to `timeout` s for a request: on the condition,
     or receiving requests with `poll` (the lock released meanwhile). The wait counts as
     activity `why`, the requests received during it as "receive"."""
-    self._spend(_ACT["decide"])
+    self._spend(_DECIDE)
     poll = self.poll
     handled = 0.0
     if poll is None:
@@ -416,7 +422,7 @@ class DeviceScheduler:
         handled = poll(timeout) or 0.0
       finally:
         self._cv.acquire()
-    self.thread_seconds[_ACT["receive"]] += handled
+    self.thread_seconds[_RECEIVE] += handled
     self.thread_seconds[why] -= handled
     self._spend(why)
 
@@ -425,15 +431,14 @@ class DeviceScheduler:
     if self._on_thread_start is not None:
       self._on_thread_start()
     self._mark = clock()
-    decide, receive = _ACT["decide"], _ACT["receive"]
     while True:
       batch = None
       train = False
       poll = self.poll
       if poll is not None:   # admit what arrived during the last device call
-        self._spend(decide)
+        self._spend(_DECIDE)
         poll(0.0)
-        self._spend(receive)
+        self._spend(_RECEIVE)
       with self._cv:
         while True:
           if self._stopped:
@@ -450,18 +455,18 @@ class DeviceScheduler:
               batch = self._take_batch()
               self._busy_until = now + self.batch_time(sum(p.n for p in batch))
               break
-            self._wait(wait, _ACT["wait_batch"])
+            self._wait(wait, _WAIT_BATCH)
             continue
           if self._training_active():
             if self.incoming():   # a request is being parsed: it will be queued soon
-              self._wait(0.0005, _ACT["wait_incoming"])
+              self._wait(0.0005, _WAIT_INCOMING)
               continue
             if now < self._hold_training_until:   # requests were refused just now
               self._wait(min(self._hold_training_until - now, 0.01),
-                         _ACT["wait_holdoff"])
+                         _WAIT_HOLDOFF)
               continue
             if not self.trainer.input_ready():    # never wait for input on the device
-              self._wait(0.001, _ACT["wait_input"])
+              self._wait(0.001, _WAIT_INPUT)
               continue
             if self.chunk_fits(now):
               train = True
@@ -472,17 +477,17 @@ class DeviceScheduler:
             # estimates that decide (chunk and batch times, half-life ~0.7 s: they are
             # not being sampled now) so one slow spell cannot starve training.
             self.timer.relax_all(0.01)
-            self._wait(0.01, _ACT["wait_slack"])
+            self._wait(0.01, _WAIT_SLACK)
             continue
-          self._wait(0.1, _ACT["wait_idle"])
-      self._spend(decide)
+          self._wait(0.1, _WAIT_IDLE)
+      self._spend(_DECIDE)
       try:
         if batch:
           self._run_inference(batch)
-          self._spend(_ACT["inference_results"])
+          self._spend(_INFERENCE_RESULTS)
         elif train:
           self._run_chunk()
-          self._spend(_ACT["training_other"])
+          self._spend(_TRAINING_OTHER)
       except Exception as e:  # never let one bad batch kill the device loop
         for p in batch or ():
           if p.finished_at is None:
@@ -505,10 +510,8 @@ class DeviceScheduler:
     logits = self.predictor(weights, images)
     t1 = clock()
     dt = t1 - t0
-    acc = self.thread_seconds   # the device call is "inference", the rest of the batch
-    acc[_ACT["inference_results"]] += t0 - self._mark   # "inference_results"
-    acc[_ACT["inference"]] += dt
-    self._mark = t1
+    self._spend(_INFERENCE_RESULTS, t0)   # the device call is "inference", the rest of
+    self._spend(_INFERENCE, t1)           # the batch "inference_results"
     b = bucket_for(n, self.max_batch)
     self.timer.update(b, dt)
     for other in self.predictor.buckets:   # estimates not sampled now slowly relax
@@ -537,10 +540,8 @@ class DeviceScheduler:
     samples = tr.run_chunk()
     t1 = clock()
     dt = t1 - t0
-    acc = self.thread_seconds   # the chunk is "training", its metrics "training_other"
-    acc[_ACT["training_other"]] += t0 - self._mark
-    acc[_ACT["training"]] += dt
-    self._mark = t1
+    self._spend(_TRAINING_OTHER, t0)   # the chunk is "training", its metrics
+    self._spend(_TRAINING, t1)         # "training_other"
     if samples:
       self.timer.update("chunk", dt)
     m = self.metrics

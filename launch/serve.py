@@ -9,7 +9,7 @@ to --port_file, for scripts). SIGINT/SIGTERM stop it cleanly (exit 0). Several r
 (NPROC, XLA's CPU thread pool, is then set to at least twice that unless given). With
 `--config.serve.device_cpus=LIST` on the command line NPROC defaults to the number of
 reserved cores; with one, XLA runs every computation on its calling thread
-(`XLA_ONE_CORE_FLAG`, added to XLA_FLAGS unless they set it).
+(`coltrain.cpus.XLA_ONE_CORE_FLAG`, added to XLA_FLAGS unless they set it).
 """
 
 from __future__ import annotations
@@ -44,21 +44,9 @@ def _default_nproc(argv: list[str]) -> int:
 
 os.environ.setdefault("NPROC", str(_default_nproc(sys.argv)))
 
-# XLA's CPU runtime by default orders a computation's thunks to run concurrently and
-# hands the ready ones to its thread pool. With a pool of one thread (one device core,
-# NPROC=1) nothing can run concurrently, and each hand-off wakes the pool thread on the
-# caller's core and waits for it: a training chunk ran mostly on the pool thread when
-# chunks ran back to back, and on the caller, which then burnt the core spin-waiting
-# for the pool, when an inference batch came before it. Off, every computation runs on
-# the calling thread. Measured (one process on the device core, three pairs of
-# processes, batches of 1/2/4 images between chunks): chunks 563-738 vs 774-825 us
-# back to back and 589-818 vs 722-1,037 us with batches between, batches 239-330 vs
-# 339-381 us; under 1,500 req/s, two pairs of servers: training only 1,346-1,439 vs
-# 1,264-1,312 chunks/s, co-located 534-573 vs 443-477 chunks/s.
-XLA_ONE_CORE_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
-if (os.environ["NPROC"] == "1"
-    and "xla_cpu_enable_concurrency_optimized_scheduler" not in os.environ.get("XLA_FLAGS", "")):
-  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {XLA_ONE_CORE_FLAG}".strip()
+from coltrain.cpus import XLA_ONE_CORE_FLAG, set_one_core_xla_flags  # noqa: E402,F401
+
+set_one_core_xla_flags()   # (reads NPROC, set just above)
 
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402

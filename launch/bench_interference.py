@@ -2,7 +2,7 @@
 of work that co-location puts before it.
 
   python -m launch.bench_interference [--config configs/serve.py] [--config.serve.X=...]
-      [--chunks 6000] [--cpu N] [--cpu_latency_us US] [--out results.json]
+      [--chunks 6000] [--nth 1] [--cpu N] [--cpu_latency_us US] [--out results.json]
 
 On a CPU-emulated device the scheduler thread runs everything on the device core:
 inference batches, the serving work around them (reading and answering requests,
@@ -17,13 +17,14 @@ server or load, so that machine noise affects every kind alike:
   other cores, with XLA on the calling thread and synchronous dispatch, as
   `launch.serve` runs a one-core device;
 * `--chunks` times: picks one kind of in-between work at random (seeded), runs it,
-  then runs and times one training chunk (`ChunkTrainer.run_chunk`). The kinds
-  interleave chunk by chunk, so slow spells of the machine fall on all of them;
+  then runs training chunks (`ChunkTrainer.run_chunk`) and times the `--nth` of them
+  (default the first; 2 shows whether the next chunk is back to speed). The kinds
+  interleave round by round, so slow spells of the machine fall on all of them;
 * per kind: the chunks' median (microseconds), a bootstrap 90 % interval of the median,
   the ratio to the median after `none` (chunks back to back, as in training only) with
   its bootstrap interval, and the in-between work's own median time.
 
-Kinds (`KINDS`): none; an inference batch of 1 or 2 images; `python`: the device
+Kinds (`KINDS`): none; an inference batch of 1, 2 or 8 images; `python`: the device
 thread's own Python work for two requests (decoding two INFER messages of the data
 link, `Pending` records, encoding two results; `coltrain.serve.wire`); `syscalls`: three
 socket round trips and a zero-timeout `select`; `sleep_50us`, `sleep_300us`: the thread
@@ -57,8 +58,8 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-KINDS = ("none", "batch_1", "batch_2", "python", "syscalls", "sleep_50us", "sleep_300us",
-         "spin_300us", "serving")
+KINDS = ("none", "batch_1", "batch_2", "batch_8", "python", "syscalls", "sleep_50us",
+         "sleep_300us", "spin_300us", "serving")
 
 
 def make_kinds(predictor, weights, clock=time.perf_counter) -> dict[str, Callable[[], None]]:
@@ -67,7 +68,7 @@ def make_kinds(predictor, weights, clock=time.perf_counter) -> dict[str, Callabl
   from coltrain.serve.scheduler import Pending
 
   shape = predictor.image_shape
-  images = {n: np.zeros((n,) + shape, np.float32) for n in (1, 2)}
+  images = {n: np.zeros((n,) + shape, np.float32) for n in (1, 2, 8)}
   request = np.random.default_rng(0).random((1,) + shape, np.float32)
   logits = np.zeros((1, 10), np.float32)
   reader = wire.Reader()
@@ -104,6 +105,7 @@ def make_kinds(predictor, weights, clock=time.perf_counter) -> dict[str, Callabl
   return {"none": lambda: None,
           "batch_1": lambda: predictor(weights, images[1]),
           "batch_2": lambda: predictor(weights, images[2]),
+          "batch_8": lambda: predictor(weights, images[8]),
           "python": python, "syscalls": syscalls,
           "sleep_50us": lambda: time.sleep(50e-6),
           "sleep_300us": lambda: time.sleep(300e-6),
@@ -113,9 +115,10 @@ def make_kinds(predictor, weights, clock=time.perf_counter) -> dict[str, Callabl
 
 def measure(run_chunk: Callable[[], object], input_ready: Callable[[], bool],
             kinds: dict[str, Callable[[], None]], chunks: int, seed: int,
-            clock=time.perf_counter) -> dict:
-  """Runs `chunks` rounds of (random kind's work, one chunk). Returns per kind the
-  chunk seconds and the work's seconds (lists), and the rounds dropped because the
+            clock=time.perf_counter, nth: int = 1) -> dict:
+  """Runs `chunks` rounds of (random kind's work, `nth` chunks), timing the `nth` chunk
+  after the work (the ones before it run untimed). Returns per kind the timed chunks'
+  seconds and the work's seconds (lists), and the rounds dropped because the timed
   chunk's input was not ready."""
   rng = random.Random(seed)
   names = list(kinds)
@@ -127,6 +130,8 @@ def measure(run_chunk: Callable[[], object], input_ready: Callable[[], bool],
     t0 = clock()
     kinds[name]()
     t1 = clock()
+    for _ in range(nth - 1):
+      run_chunk()
     waited = False
     while not input_ready():
       waited = True
@@ -196,12 +201,13 @@ def _hold_cpu_latency(us: int) -> int:
 def _define_flags() -> None:
   """The command line (defined only when run as a program, so that importing this
   module, e.g. in tests beside `launch.serve`, defines no absl flags)."""
-  global _CONFIG, _CHUNKS, _CPU, _SEED, _BOOTSTRAP, _CPU_LATENCY, _OUT
+  global _CONFIG, _CHUNKS, _NTH, _CPU, _SEED, _BOOTSTRAP, _CPU_LATENCY, _OUT
   _CONFIG = config_flags.DEFINE_config_file(
       "config", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                              "configs", "serve.py"),
       "Serving config (its model, micro-batch and chunk are measured).", lock_config=False)
   _CHUNKS = flags.DEFINE_integer("chunks", 6000, "Training chunks timed (all kinds).")
+  _NTH = flags.DEFINE_integer("nth", 1, "Time the nth chunk after the work (1: the next).")
   _CPU = flags.DEFINE_integer("cpu", -1, "The device core (default: the last allowed one).")
   _SEED = flags.DEFINE_integer("seed", 0, "Seed of the kinds' random order.")
   _BOOTSTRAP = flags.DEFINE_integer("bootstrap", 1000, "Bootstrap resamples per interval.")
@@ -214,7 +220,7 @@ def _define_flags() -> None:
 def main(argv) -> Optional[int]:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  for flag in (_CHUNKS, _BOOTSTRAP):
+  for flag in (_CHUNKS, _NTH, _BOOTSTRAP):
     if flag.value < 1:
       print(f"bench_interference: --{flag.name} must be >= 1, got {flag.value}",
             file=sys.stderr)
@@ -260,14 +266,15 @@ def main(argv) -> Optional[int]:
   measure(trainer.run_chunk, trainer.input_ready, kinds, min(200, _CHUNKS.value),
           _SEED.value + 1)   # warm-up (not kept)
   t0 = time.time()
-  raw = measure(trainer.run_chunk, trainer.input_ready, kinds, _CHUNKS.value, _SEED.value)
+  raw = measure(trainer.run_chunk, trainer.input_ready, kinds, _CHUNKS.value, _SEED.value,
+                nth=_NTH.value)
   seconds = time.time() - t0
   summary = summarize(raw, _BOOTSTRAP.value, _SEED.value)
   if latency_fd is not None:
     os.close(latency_fd)
   result = {"config": {"model": config.model, "micro_batch_size": config.serve.micro_batch_size,
                        "chunk_steps": config.serve.chunk_steps},
-            "cpu": cpu, "chunks": _CHUNKS.value, "dropped": raw["dropped"],
+            "cpu": cpu, "chunks": _CHUNKS.value, "nth": _NTH.value, "dropped": raw["dropped"],
             "seconds": seconds, "seed": _SEED.value,
             "cpu_latency_us": _CPU_LATENCY.value if latency_fd is not None else None,
             "environment": {"NPROC": os.environ.get("NPROC"),

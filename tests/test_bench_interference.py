@@ -59,6 +59,16 @@ def test_each_chunk_is_charged_to_the_work_before_it_and_waits_are_dropped(monke
   assert "| slow | " in bi.table(s)
 
 
+def test_the_nth_chunk_after_the_work_is_the_one_timed(monkeypatch):
+  dev = _FakeDevice()
+  monkeypatch.setattr(bi.time, "sleep", lambda s: None)
+  raw = bi.measure(dev.run_chunk, dev.input_ready, dev.kinds(), 100, seed=3, clock=dev.clock,
+                   nth=2)
+  assert dev.calls == 200   # two chunks a round, the first after `slow` untimed
+  assert raw["chunk_s"]["slow"] == pytest.approx([100e-6] * len(raw["chunk_s"]["slow"]))
+  assert raw["work_s"]["slow"] == pytest.approx([20e-6] * len(raw["work_s"]["slow"]))
+
+
 def test_the_median_interval_brackets_the_median_and_the_ratio_follows_the_data():
   raw = {"chunk_s": {"none": [1e-4, 1.1e-4, 0.9e-4, 1e-4, 1.05e-4] * 20,
                      "x": [2e-4, 2.2e-4, 1.8e-4, 2e-4, 2.1e-4] * 20},
@@ -80,6 +90,7 @@ def _run(*args, timeout=300):
 @pytest.mark.parametrize("args,message", [
     (["--chunks", "0"], "--chunks must be >= 1"),
     (["--bootstrap", "-1"], "--bootstrap must be >= 1"),
+    (["--nth", "0"], "--nth must be >= 1"),
     (["--cpu", "4096"], "is not one of this process's CPUs"),
 ])
 def test_bad_arguments_exit_2_with_a_clear_message(args, message):
@@ -91,12 +102,12 @@ def test_bad_arguments_exit_2_with_a_clear_message(args, message):
 @pytest.mark.slow
 def test_the_benchmark_measures_every_kind_on_the_served_setup(tmp_path):
   out = tmp_path / "interference.json"
-  r = _run("--chunks", "90", "--bootstrap", "100", "--out", str(out))
+  r = _run("--chunks", "100", "--bootstrap", "100", "--out", str(out))
   assert r.returncode == 0, r.stderr[-3000:]
   res = json.loads(out.read_text())
   s = res["summary"]
   assert set(s) == set(bi.KINDS)
-  assert sum(v["n"] for v in s.values()) + res["dropped"] == 90
+  assert sum(v["n"] for v in s.values()) + res["dropped"] == 100 and res["nth"] == 1
   assert res["environment"]["NPROC"] == "1"
   assert "xla_cpu_enable_concurrency_optimized_scheduler=false" in res["environment"]["XLA_FLAGS"]
   assert s["none"]["ratio"] == 1.0

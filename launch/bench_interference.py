@@ -206,7 +206,8 @@ def _define_flags() -> None:
       "config", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                              "configs", "serve.py"),
       "Serving config (its model, micro-batch and chunk are measured).", lock_config=False)
-  _CHUNKS = flags.DEFINE_integer("chunks", 6000, "Training chunks timed (all kinds).")
+  _CHUNKS = flags.DEFINE_integer("chunks", 6000, "Rounds (work, then chunks, one of them "
+                                  "timed), all kinds together.")
   _NTH = flags.DEFINE_integer("nth", 1, "Time the nth chunk after the work (1: the next).")
   _CPU = flags.DEFINE_integer("cpu", -1, "The device core (default: the last allowed one).")
   _SEED = flags.DEFINE_integer("seed", 0, "Seed of the kinds' random order.")

@@ -616,15 +616,17 @@ def merge_halves(halves: list[tuple[dict, dict]], slo_ms: float) -> dict:
          "rate_rps": first["rate_rps"],
          "loadavg_1m": round(float(np.mean([rec["loadavg_1m"] for rec in recs])), 2),
          **merged}
-  weights = spans if sum(spans) > 0 else None
+  def time_weighted(vals: list) -> Optional[float]:
+    """The runs' values averaged over their windows' lengths (None if one is missing)."""
+    if any(v is None for v in vals):
+      return None
+    return float(np.average(vals, weights=spans if sum(spans) > 0 else None))
+
   for key in MERGED_RATES:
-    vals = [rec.get(key) for rec in recs]
-    out[key] = (None if any(v is None for v in vals)
-                else float(np.average(vals, weights=weights)))
+    out[key] = time_weighted([rec.get(key) for rec in recs])
   threads = [rec.get("device_thread") for rec in recs]
   out["device_thread"] = (None if any(t is None for t in threads) else
-                          {a: round(float(np.average([t.get(a, 0.0) for t in threads],
-                                                     weights=weights)), 5)
+                          {a: round(time_weighted([t.get(a, 0.0) for t in threads]), 5)
                            for a in threads[0]})
   out["halves"] = [{"window_unix": rec["window_unix"], "requests": rec.get("requests"),
                     "slo_attainment": rec.get("slo_attainment"),

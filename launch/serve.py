@@ -44,7 +44,7 @@ def _default_nproc(argv: list[str]) -> int:
 
 os.environ.setdefault("NPROC", str(_default_nproc(sys.argv)))
 
-from coltrain.cpus import XLA_ONE_CORE_FLAG, set_one_core_xla_flags  # noqa: E402,F401
+from coltrain.cpus import set_one_core_xla_flags  # noqa: E402
 
 set_one_core_xla_flags()   # (reads NPROC, set just above)
 

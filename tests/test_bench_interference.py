@@ -20,6 +20,7 @@ class _FakeDevice:
     self.now = 0.0
     self.after_slow = False
     self.calls = 0
+    self.waited = False
 
   def clock(self):
     return self.now
@@ -30,8 +31,8 @@ class _FakeDevice:
     self.calls += 1
 
   def input_ready(self):
-    if self.calls == 4 and not getattr(self, "_waited", False):
-      self._waited = True
+    if self.calls == 4 and not self.waited:
+      self.waited = True
       return False
     return True
 

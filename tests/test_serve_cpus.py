@@ -136,7 +136,7 @@ def _serve_env(argv, **env):
 
 
 def test_launch_serve_runs_xla_inline_on_a_one_core_device():
-  from launch.serve import XLA_ONE_CORE_FLAG
+  from coltrain.cpus import XLA_ONE_CORE_FLAG
   flags = _serve_env(["--config.serve.device_cpus=1"], XLA_FLAGS="--xla_cpu_use_thunk_runtime=true")
   assert flags == f"--xla_cpu_use_thunk_runtime=true {XLA_ONE_CORE_FLAG}"
   assert _serve_env(["--config.serve.device_cpus=1"]) == XLA_ONE_CORE_FLAG

@@ -74,8 +74,14 @@ def test_overload_sheds_and_keeps_serving(served):
 
 def test_a_thousand_malformed_requests_leave_the_server_healthy(served):
   res = malformed_check(served, 1000)
-  assert sum(v for k, v in res["codes"].items()) == 1000
-  assert set(res["codes"]) <= {"400", "411", "413"}, res["codes"]
+  codes = res["codes"]
+  assert sum(codes.values()) == 1000
+  # each is answered as malformed, except one the front end refuses unparsed (503)
+  # because its event loop fell behind by half the SLO, as coltrain.serve.frontend
+  # documents; that takes a stall of the machine, so it must stay rare (1 of 1,000 in a
+  # CI run of f555c1a)
+  assert set(codes) <= {"400", "411", "413", "503"}, codes
+  assert codes.get("503", 0) <= 10 and codes.get("400", 0) >= 990, codes
   assert res["ready_after"] and res["valid_request_after"] and res["server_alive"]
 
 

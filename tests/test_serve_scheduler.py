@@ -449,28 +449,42 @@ def test_batching_idles_only_when_more_requests_are_likely_and_training_is_off()
 def test_predicted_completion_counts_the_batching_wait_only_when_the_scheduler_waits():
   delay, t1 = 0.05, 0.001
 
-  def predicted_start(trainer=None, chunk_s=0.001, hold=False):
-    """(expected completion - batch time, oldest arrival, now) after 100 fast arrivals."""
+  def predicted_start(trainer=None, chunk_s=0.001, hold=False, busy_s=0.0, overrun=1.0):
+    """(expected completion - batch time, oldest arrival, now, predicted chunk time)
+    after 100 fast arrivals, the device busy for `busy_s` more."""
     s, _ = make_sched(delay=delay, max_batch=1024, trainer=trainer, infer_s=lambda b: t1)
+    s.chunk_overrun = overrun
     if chunk_s is not None:
       s.timer.update("chunk", chunk_s)
     if hold:
       s.hold_training(clock() + 10)
     _batch_wait_after(s, 100)           # high arrival rate: batching pays
     now = clock()
-    return s.expected_completion(1, now) - s.batch_time(101), s._queue[0].arrival, now
+    s._busy_until = now + busy_s
+    return (s.expected_completion(1, now) - s.batch_time(101), s._queue[0].arrival, now,
+            s.timer.predict("chunk"))
 
-  # training off (the device idles for the batch) or training on with a chunk that can
-  # run meanwhile: the batch starts at the latest once the oldest request waited
-  for trainer in (None, FakeTrainer([])):
-    start, oldest, _ = predicted_start(trainer)
-    assert start == pytest.approx(oldest + delay, abs=1e-3)
-  # training on but no chunk can run while the batch forms: it runs at once
+  # training off (the device idles for the batch): the batch starts at the latest once
+  # the oldest request waited the delay
+  start, oldest, _, _ = predicted_start(None)
+  assert start == pytest.approx(oldest + delay, abs=1e-3)
+  # training on with a chunk that can run meanwhile: the last chunk starts before then
+  # and may end a chunk's time later
+  for chunk_s in (0.001, 2 * delay):
+    start, oldest, _, c = predicted_start(FakeTrainer([]), chunk_s=chunk_s)
+    assert c >= chunk_s and start == pytest.approx(oldest + delay + c, abs=1e-3)
+  # chunk_overrun 0: the last chunk ends by then; one that cannot is not waited for
+  start, oldest, _, _ = predicted_start(FakeTrainer([]), overrun=0.0)
+  assert start == pytest.approx(oldest + delay, abs=1e-3)
+  start, _, now, _ = predicted_start(FakeTrainer([]), chunk_s=2 * delay, overrun=0.0)
+  assert start == pytest.approx(now, abs=1e-3)
+  # training on but no chunk can run while the batch forms: it runs when the device is
+  # free
   for kw in ({"hold": True},               # requests were shed just now
              {"chunk_s": None},            # chunk time unknown
-             {"chunk_s": 2 * delay}):      # the chunk would end after the delay
-    start, _, now = predicted_start(FakeTrainer([]), **kw)
-    assert start == pytest.approx(now, abs=1e-3)
+             {"busy_s": 2 * delay}):       # the device is busy past the delay
+    start, _, now, _ = predicted_start(FakeTrainer([]), **kw)
+    assert start == pytest.approx(now + kw.get("busy_s", 0.0), abs=1e-3)
   s, _ = make_sched(delay=delay, infer_s=lambda b: t1)   # low rate: no wait
   now = clock()
   assert s.expected_completion(1, now) == pytest.approx(now + s.bucket_time(1), abs=1e-4)
@@ -483,7 +497,7 @@ def _chunk_first_after(s, arrivals, now=None):
     return s._chunk_while_batch_forms(clock() if now is None else now) is not None
 
 
-def test_with_training_a_batch_forms_during_chunks_that_end_within_the_delay():
+def test_with_training_a_batch_forms_during_chunks_that_start_within_the_delay():
   delay, chunk = 0.05, 0.001
   def sched(trainer=True, max_batch=1024, chunk_s=chunk, **kw):
     s, _ = make_sched(delay=delay, max_batch=max_batch, slo=1.0,
@@ -495,10 +509,18 @@ def test_with_training_a_batch_forms_during_chunks_that_end_within_the_delay():
   assert _chunk_first_after(sched(), 100)             # young queue, more coming: train
   s = sched()
   _chunk_first_after(s, 100)
-  oldest = s._queue[0].arrival                        # the chunk would end after the
-  with s._cv:                                         # oldest request waited the delay
-    assert s._chunk_while_batch_forms(oldest + delay - chunk / 2) is None
-    assert s._chunk_while_batch_forms(oldest + delay - 2 * chunk) == s.timer.predict("chunk")
+  oldest, c = s._queue[0].arrival, s.timer.predict("chunk")
+  by = oldest + delay   # when the oldest request has waited the delay
+  with s._cv:
+    # chunk_overrun 1 (default): a chunk may start until then, whenever it ends
+    for start, runs in ((by - 2 * c, True), (by - c / 2, True), (by - 0.01 * c, True),
+                        (by, False), (by + c, False)):
+      assert (s._chunk_while_batch_forms(start) == c) == runs, start - by
+    # 0: only a chunk that ends by then; 0.5: one that ends at most half a chunk later
+    for overrun, start, runs in ((0.0, by - 2 * c, True), (0.0, by - c / 2, False),
+                                 (0.5, by - 0.6 * c, True), (0.5, by - 0.4 * c, False)):
+      s.chunk_overrun = overrun
+      assert (s._chunk_while_batch_forms(start) == c) == runs, (overrun, start - by)
   assert not _chunk_first_after(sched(), 1)           # low rate: no batch to wait for
   assert not _chunk_first_after(sched(trainer=False), 100)   # nothing to train
   assert not _chunk_first_after(sched(chunk_s=None), 100)    # chunk time unknown yet
@@ -518,6 +540,32 @@ def test_with_training_a_batch_forms_during_chunks_that_end_within_the_delay():
     s.submit(pending(1, deadline=batch + (c + 0.01 if room_for_chunk else c / 2)))
     with s._cv:
       assert (s._chunk_while_batch_forms(clock()) is not None) == room_for_chunk
+
+
+def test_a_request_on_its_way_holds_training_only_if_it_would_run_at_once():
+  """While the front end parses a request (`incoming`), no chunk starts if that request
+  will run as soon as it is queued (low rate: no batch to wait for); at a rate where its
+  batch would form during chunks anyway, training goes on."""
+  from coltrain.serve.metrics import THREAD_ACTIVITIES
+  for rate in (0.0, 5000.0):
+    trainer = FakeTrainer([])
+    s, _ = make_sched(trainer=trainer, delay=0.05, max_batch=1024)
+    s.timer.update("chunk", 0.001)
+    s.incoming = lambda: 1
+    s._rate, s._rate_t = rate, clock()
+    s.start()
+    try:
+      if rate:
+        wait_for(lambda: trainer.calls >= 3)
+      else:
+        time.sleep(0.2)
+    finally:
+      s.stop()
+    held = dict(zip(THREAD_ACTIVITIES, s.thread_seconds))["wait_incoming"]
+    if rate:
+      assert trainer.calls >= 3
+    else:
+      assert trainer.calls == 0 and held > 0.1
 
 
 def test_requests_arriving_fast_batch_up_while_the_device_trains():
@@ -542,7 +590,7 @@ def test_requests_arriving_fast_batch_up_while_the_device_trains():
   # trained while the batch formed (without it: at most the one chunk in progress)...
   assert log[:first].count(("chunk", 1)) >= 2
   assert log[first] == ("infer", 3)      # ...and the three requests ran as one batch,
-  # once the oldest had waited about the delay (the last chunk ends before it)
+  # once the oldest had waited about the delay (the last chunk starts before it)
   assert 1e3 * (delay - 0.015) <= reqs[0].result["queue_ms"] < 1e3 * (delay + 0.5)
 
 

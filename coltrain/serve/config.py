@@ -43,6 +43,9 @@ SERVE_DEFAULTS: dict[str, Any] = {
                                 #   accumulate into one optimizer step
     "chunk_steps": 1,           # micro-batches per training chunk (between decisions)
     "max_chunk_ms": 0.0,        # cap on the predicted chunk time (0: only the SLO slack)
+    "chunk_overrun": 1.0,       # with training on, a chunk may run while a batch forms
+                                #   if it starts within max_queue_delay and ends at
+                                #   most this many chunk times past it (0..1)
     "publish_every": 10,        # publish new weights every K optimizer steps
     "device_cpus": "",          # CPU-only machines: cores reserved for the emulated
                                 #   device ("1", "2-3"): XLA and the schedulers run
@@ -120,6 +123,8 @@ def validate_serve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
     need(train_cfg.comm.workers == 1,
          f"serving trains one worker; 'comm.workers' must be 1, got {train_cfg.comm.workers}")
   need(s["chunk_steps"] >= 1, f"'serve.chunk_steps' must be >= 1, got {s['chunk_steps']}")
+  need(0 <= s["chunk_overrun"] <= 1,
+       f"'serve.chunk_overrun' must be in [0, 1], got {s['chunk_overrun']}")
   need(s["max_chunk_ms"] >= 0, f"'serve.max_chunk_ms' must be >= 0, got {s['max_chunk_ms']}")
   need(s["publish_every"] >= 1,
        f"'serve.publish_every' must be >= 1, got {s['publish_every']}")

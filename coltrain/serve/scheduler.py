@@ -9,12 +9,14 @@
    oldest request has waited less than `max_queue_delay` and the earliest deadline
    still leaves room for the predicted batch time. With training off the device idles
    meanwhile; with training active it runs training chunks meanwhile, each only if a
-   chunk may run at all (see 2: no recent shed, the input ready), it ends before the
-   oldest request has waited `max_queue_delay` and it leaves room for the batch before
-   the earliest deadline, else the batch runs at once (the device never idles for a
-   batch to fill).
-2. **Training in the slack.** With nothing queued, no request being received and no
-   request refused by admission control in the last `shed_holdoff`, it runs one
+   chunk may run at all (see 2: no recent shed, the input ready), it starts before the
+   oldest request has waited `max_queue_delay`, ends at most `chunk_overrun` chunk
+   times after that, and leaves room for the batch before the earliest deadline, else
+   the batch runs at once (the device never idles for a batch to fill).
+2. **Training in the slack.** With nothing queued, no request being received that
+   would run at once (at a rate where its batch would form during chunks anyway,
+   training goes on) and no request refused by admission control in the last
+   `shed_holdoff`, it runs one
    training chunk (see `ChunkTrainer`) only if the chunk's predicted time fits
    the slack: a request that arrives just after the chunk starts waits for it, so the
    chunk plus the predicted time of the batch that will have formed meanwhile (from the
@@ -113,7 +115,7 @@ class DeviceScheduler:
   def __init__(self, index: int, predictor: Predictor, weights: Weights, *, slo_s: float,
                max_queue_delay_s: float, margin_s: float, max_queue: int,
                metrics: ServeMetrics, trainer: Optional[ChunkTrainer] = None,
-               max_chunk_s: float = 0.0):
+               max_chunk_s: float = 0.0, chunk_overrun: float = 1.0):
     self.index = index
     self.predictor = predictor
     self.max_batch = predictor.max_batch
@@ -125,6 +127,7 @@ class DeviceScheduler:
     self.metrics = metrics
     self.trainer = trainer
     self.max_chunk_s = max_chunk_s
+    self.chunk_overrun = chunk_overrun
     self.timer = OnlineTimer()
     self._bucket_cache: Optional[tuple[int, dict[int, float]]] = None
     self._queue: collections.deque[Pending] = collections.deque()
@@ -266,17 +269,21 @@ class DeviceScheduler:
     not be full and this scheduler waits for a fuller one (`_waits_for_batches`), when
     the oldest queued request (else a request arriving now) has waited
     `max_queue_delay`, whichever is later. With training active it waits only while a
-    training chunk can run meanwhile (`_chunk_while_batch_forms`); if none can (paused,
-    input not ready, or the chunk would end too late), the batch starts when the device
-    is free. Called with the lock held."""
+    training chunk can run meanwhile (`_chunk_while_batch_forms`): the last chunk starts
+    before that point and ends at most `chunk_overrun` chunk times after it; if none
+    can (paused, input not ready, the device busy until then, or a chunk starting now
+    would end later), the batch starts when the device is free. Called with the lock
+    held."""
     start = max(now, self._busy_until)
     by = self._fill_deadline(images, now)
     if by is None:
       return start
     if self._training_active():
       c = self._chunk_time_if_trainable(now)
-      if c is None or start + c > by:
+      late = self.chunk_overrun * c if c is not None else 0.0
+      if c is None or start >= by or start + c > by + late:
         return start
+      return by + late   # the last chunk may end up to `late` after `by`
     return max(start, by)
 
   def idle(self, now: float) -> bool:
@@ -371,19 +378,22 @@ class DeviceScheduler:
     forming while the device trains (as it would while the device idles with training
     off) instead of running a batch for every chunk's worth of arrivals. A chunk runs
     only if the batch is not full, more requests are likely within the delay
-    (`_waits_for_batches`), a chunk may run (`_chunk_time_if_trainable`), it ends
-    before the oldest queued request has waited `max_queue_delay`, and the earliest
-    deadline leaves room for the chunk, the batch that will have formed by then (the
-    queued images plus the measured arrival rate's) and the margin. Called with the
-    lock held."""
+    (`_waits_for_batches`), a chunk may run (`_chunk_time_if_trainable`), it starts
+    before the oldest queued request has waited `max_queue_delay` and ends at most
+    `chunk_overrun` chunk times after that (0: within the delay; 1: whenever it
+    starts within it: the batch then starts up to one chunk after the delay, and
+    batches are fewer and larger, which costs the device less per request), and the
+    earliest deadline leaves room for the chunk, the batch that will have formed by
+    then (the queued images plus the measured arrival rate's) and the margin. Called
+    with the lock held."""
     by = self._fill_deadline(self._queued_images, now)
-    if by is None:
+    if by is None or now >= by:
       return None
     c = self._chunk_time_if_trainable(now)
     if c is None:
       return None
     end = now + c
-    if end > by:
+    if end > by + self.chunk_overrun * c:
       return None
     expect = min(self._queued_images + int(self.arrival_rate(now) * c), self.max_batch)
     earliest = min(p.deadline for p in self._queue)
@@ -458,7 +468,8 @@ class DeviceScheduler:
             self._wait(wait, _WAIT_BATCH)
             continue
           if self._training_active():
-            if self.incoming():   # a request is being parsed: it will be queued soon
+            if self.incoming() and not self._waits_for_batches(now):
+              # a request is being parsed: it will be queued soon, and run at once
               self._wait(0.0005, _WAIT_INCOMING)
               continue
             if now < self._hold_training_until:   # requests were refused just now

@@ -90,9 +90,11 @@ def log(msg: str) -> None:
 
 # -- processes -------------------------------------------------------------------------
 class ServeProcess:
-  """A `launch.serve` subprocess; `stop()` terminates it (SIGKILL after a grace)."""
+  """A `launch.serve` subprocess run from checkout `repo` (default: this one); `stop()`
+  terminates it (SIGKILL after a grace)."""
 
-  def __init__(self, name: str, workdir: str, overrides: list[str], timeout: float = 300):
+  def __init__(self, name: str, workdir: str, overrides: list[str], timeout: float = 300,
+               repo: str = REPO):
     self.name = name
     port_file = os.path.join(workdir, f"{name}.port")
     self.log_path = os.path.join(workdir, f"{name}.log")
@@ -100,7 +102,7 @@ class ServeProcess:
     self.proc = subprocess.Popen(
         [sys.executable, "-m", "launch.serve", "--config", "configs/serve.py",
          f"--port_file={port_file}", *overrides],
-        cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT)
+        cwd=repo, stdout=self._log, stderr=subprocess.STDOUT)
     self.port_file = port_file
     self.timeout = timeout
     self.url: Optional[str] = None

@@ -331,7 +331,7 @@ class DeviceScheduler:
     """Whether waiting for a fuller batch pays now: another request is likely to arrive
     within the delay (at low load a lone request runs at once instead of waiting
     `max_queue_delay`). With training off the device then idles for it (`_batch_wait`);
-    with training active it trains meanwhile, in chunks that end before the oldest
+    with training active it trains meanwhile, in chunks that start before the oldest
     request has waited `max_queue_delay` (`_chunk_while_batch_forms`), and runs the
     batch at once when no chunk can. Called with the lock held."""
     return self.arrival_rate(now) * self.max_queue_delay_s >= 1.0

@@ -14,7 +14,7 @@ favours none), measures B (training alone, no requests), A (inference only, open
 Poisson at the rate) and D (both at once), `--seconds` each. Per variant and round:
 retention = D's training samples/s / B's, harvest = retention / (1 - U) with U the
 inference busy fraction of the variant's own A, p99 inflation = D's p99 / A's, and the
-SLO attainments, shed fractions, chunk times and D's scheduler-thread split. Each
+SLO attainments (of all requests, and of the admitted), shed fractions, chunk times and D's scheduler-thread split. Each
 variant is compared with its own A and B, so the comparison holds even if a variant
 changes A. Writes `--out` (all rounds and a `summary` of means per variant and rate)
 and prints the summary table.
@@ -84,6 +84,8 @@ def summarize(rows: list[dict]) -> list[dict]:
                 "retention": mean(lambda r: r["retention"]),
                 "p99_inflation": mean(lambda r: r["p99_inflation"]),
                 "D_slo_attainment": mean(lambda r: r["D"]["slo_attainment"]),
+                "D_slo_attainment_admitted": mean(
+                    lambda r: r["D"].get("slo_attainment_admitted", float("nan"))),
                 "A_slo_attainment": mean(lambda r: r["A"]["slo_attainment"]),
                 "D_p99_ms": mean(lambda r: r["D"]["p99_ms"]),
                 "A_p99_ms": mean(lambda r: r["A"]["p99_ms"]),
@@ -94,14 +96,15 @@ def summarize(rows: list[dict]) -> list[dict]:
 
 def table(summary: list[dict]) -> str:
   lines = ["| rate (req/s) | variant | harvest (rounds) | retention | U (A) | U (D's own) | "
-           "p99 inflation | D p99 (ms) | D attainment | A attainment | D shed |",
+           "p99 inflation | D p99 (ms) | D attainment (admitted) | A attainment | D shed |",
            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
   for s in summary:
     rounds = " / ".join(f"{h:.2f}" for h in s["harvest_rounds"])
     lines.append(f"| {s['rate']:.0f} | {s['variant']} | {s['harvest']:.3f} ({rounds}) | "
                  f"{s['retention']:.3f} | {s['U']:.3f} | {s['U_own_D']:.3f} | "
                  f"{s['p99_inflation']:.2f} | {s['D_p99_ms']:.2f} | "
-                 f"{s['D_slo_attainment']:.4f} | {s['A_slo_attainment']:.4f} | "
+                 f"{s['D_slo_attainment']:.4f} ({s['D_slo_attainment_admitted']:.4f}) | "
+                 f"{s['A_slo_attainment']:.4f} | "
                  f"{100 * s['D_shed']:.2f} % |")
   return "\n".join(lines)
 
@@ -181,6 +184,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             w0, w1 = out["window_unix"]
             time.sleep(0.3)
             row[cfg] = {"slo_attainment": out.get("slo_attainment", 0.0),
+                        "slo_attainment_admitted": out.get("slo_attainment_admitted", 0.0),
                         "p99_ms": out["latency_ms"]["p99"], "p50_ms": out["latency_ms"]["p50"],
                         "shed_fraction": out["shed_fraction"],
                         "U": poll.rate(f"{name}:{busy_key}", w0, w1),

@@ -37,7 +37,8 @@ def test_score_is_retention_over_a_idle_and_p99_ratio():
 
 def _row(rate, name, r, harvest, d_att=1.0):
   a = {"slo_attainment": 1.0, "p99_ms": 4.0, "U": 0.5, "shed_fraction": 0.0}
-  d = {"slo_attainment": d_att, "p99_ms": 5.0, "U": 0.4, "shed_fraction": 0.01}
+  d = {"slo_attainment": d_att, "slo_attainment_admitted": 1.0, "p99_ms": 5.0, "U": 0.4,
+       "shed_fraction": 0.01}
   return {"rate": rate, "variant": name, "round": r, "A": a, "D": d, "harvest": harvest,
           "retention": harvest / 2, "p99_inflation": 1.25}
 
@@ -51,6 +52,7 @@ def test_summary_means_per_rate_and_variant_and_its_table():
       (100, "old", 2), (100, "new", 2), (200, "old", 1), (200, "new", 1)]
   assert s[0]["harvest"] == pytest.approx(0.55) and s[0]["harvest_rounds"] == [0.5, 0.6]
   assert s[1]["D_slo_attainment"] == pytest.approx(0.98)
+  assert s[1]["D_slo_attainment_admitted"] == 1.0
   assert s[1]["U"] == 0.5 and s[1]["U_own_D"] == 0.4 and s[1]["D_shed"] == 0.01
   t = ab.table(s).splitlines()
   assert len(t) == 2 + 4 and "| 100 | new | 0.750 (0.80 / 0.70) |" in t[3]

@@ -109,6 +109,35 @@ def table(summary: list[dict]) -> str:
   return "\n".join(lines)
 
 
+def measure_round(server: cb.ServeProcess, poll: cb.Poller, loadgen_args: list[str],
+                  rate: float, round_index: int, seconds: float, slo_ms: float) -> dict:
+  """One variant's round: B (`cb.training_window`), then A and D under open-loop
+  Poisson load at `rate` for `seconds` each, scored (`score`)."""
+  b_sps, b_chunk = cb.training_window(server, poll, seconds)
+  row = {"rate": rate, "round": round_index, "variant": server.name,
+         "B": {"train_samples_per_s": b_sps, "chunk_ms": b_chunk}}
+  for cfg in ("A", "D"):
+    server.training(cfg == "D")
+    time.sleep(0.5)
+    out = cb.run_loadgen(server.url, loadgen_args + [
+        "--mode", "open", "--rate", str(rate), "--duration", str(seconds),
+        "--slo_ms", str(slo_ms), "--seed", str(round_index)], seconds + 180)
+    server.training(False)
+    time.sleep(0.3)
+    m = cb.window_metrics(poll, cfg, *out["window_unix"], server=server.name)
+    row[cfg] = {"slo_attainment": out.get("slo_attainment", 0.0),
+                "slo_attainment_admitted": out.get("slo_attainment_admitted", 0.0),
+                "p99_ms": out["latency_ms"]["p99"], "p50_ms": out["latency_ms"]["p50"],
+                "shed_fraction": out["shed_fraction"], "U": m["inference_busy_fraction"],
+                "train_samples_per_s": m["train_samples_per_s"] or 0.0,
+                "chunk_ms": m["chunk_ms"], "device_thread": m["device_thread"]}
+  row.update(score(b_sps or 0.0, row["A"], row["D"]))
+  cb.log(f"{rate:.0f} req/s round {round_index} {server.name}: harvest "
+         f"{row['harvest']:.3f}, p99 inflation {row['p99_inflation']:.2f}, D attainment "
+         f"{row['D']['slo_attainment']:.4f}, A {row['A']['slo_attainment']:.4f}")
+  return row
+
+
 def main(argv: Optional[list[str]] = None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--variant", action="append", default=[], required=True,
@@ -159,45 +188,14 @@ def main(argv: Optional[list[str]] = None) -> int:
       s.wait_ready()
       s.training(False)
     poll = cb.Poller(servers, cpus=host_cpus if device_cpus else None).start()
-    busy_key = 'coltrain_inference_busy_seconds_total{replica="0"}'
-    for rate in rates:
-      for r, order in enumerate(round_orders(list(variants), a.rounds)):
-        for name in order:
-          S = servers[name]
-          S.training(True)
-          time.sleep(1.0)
-          t0 = time.time()
-          time.sleep(a.seconds)
-          t1 = time.time()
-          S.training(False)
-          row = {"rate": rate, "round": r, "variant": name,
-                 "B": {"train_samples_per_s": poll.rate(
-                           f"{name}:coltrain_train_samples_total", t0, t1),
-                       "chunk_ms": cb.chunk_ms(poll, name, t0, t1)}}
-          for cfg in ("A", "D"):
-            S.training(cfg == "D")
-            time.sleep(0.5)
-            out = cb.run_loadgen(S.url, lg + [
-                "--mode", "open", "--rate", str(rate), "--duration", str(a.seconds),
-                "--slo_ms", str(a.slo_ms), "--seed", str(r)], a.seconds + 180)
-            S.training(False)
-            w0, w1 = out["window_unix"]
-            time.sleep(0.3)
-            row[cfg] = {"slo_attainment": out.get("slo_attainment", 0.0),
-                        "slo_attainment_admitted": out.get("slo_attainment_admitted", 0.0),
-                        "p99_ms": out["latency_ms"]["p99"], "p50_ms": out["latency_ms"]["p50"],
-                        "shed_fraction": out["shed_fraction"],
-                        "U": poll.rate(f"{name}:{busy_key}", w0, w1),
-                        "train_samples_per_s": poll.rate(
-                            f"{name}:coltrain_train_samples_total", w0, w1) or 0.0,
-                        "chunk_ms": cb.chunk_ms(poll, name, w0, w1),
-                        "device_thread": cb.device_thread(poll, name, w0, w1)}
-          row.update(score(row["B"]["train_samples_per_s"], row["A"], row["D"]))
-          rows.append(row)
-          cb.log(f"{rate:.0f} req/s round {r} {name}: harvest {row['harvest']:.3f}, "
-                 f"p99 inflation {row['p99_inflation']:.2f}, D attainment "
-                 f"{row['D']['slo_attainment']:.4f}, A {row['A']['slo_attainment']:.4f}")
-    poll.stop()
+    try:
+      for rate in rates:
+        for r, order in enumerate(round_orders(list(variants), a.rounds)):
+          for name in order:
+            rows.append(measure_round(servers[name], poll, lg, rate, r, a.seconds,
+                                      a.slo_ms))
+    finally:
+      poll.stop()
   finally:
     for s in servers.values():
       s.stop()

@@ -399,14 +399,7 @@ def main(argv=None) -> int:
                   chunks: Optional[list] = None) -> float:
       """B's training samples/s over `seconds`; its mean chunk time (ms), if measured,
       is appended to `chunks`."""
-      S.training(True)
-      time.sleep(1.0)
-      t0 = time.time()
-      time.sleep(seconds)
-      t1 = time.time()
-      S.training(False)
-      sps = poll.rate("S:coltrain_train_samples_total", t0, t1)
-      chunk = chunk_ms(poll, "S", t0, t1)
+      sps, chunk = training_window(S, poll, seconds)
       if chunk is not None and chunks is not None:
         chunks.append(chunk)
       note_load(f"B {tag}")
@@ -569,18 +562,35 @@ def render(out: str) -> int:
   return 0
 
 
-def window_metrics(poll: Poller, cfg: str, t0: float, t1: float) -> dict:
+def training_window(server: ServeProcess, poll: Poller, seconds: float
+                    ) -> tuple[Optional[float], Optional[float]]:
+  """B, training only: turns `server`'s training on, lets it settle for 1 s, measures
+  `seconds`, turns it off. Returns (training samples/s, mean chunk ms) over the window
+  (`poll` samples the server under its `name`)."""
+  server.training(True)
+  time.sleep(1.0)
+  t0 = time.time()
+  time.sleep(seconds)
+  t1 = time.time()
+  server.training(False)
+  return (poll.rate(f"{server.name}:coltrain_train_samples_total", t0, t1),
+          chunk_ms(poll, server.name, t0, t1))
+
+
+def window_metrics(poll: Poller, cfg: str, t0: float, t1: float, server: str = "S",
+                   trainer: Optional[str] = None) -> dict:
   """The server counters' rates over one load window [t0, t1] (unix s) of `cfg`:
-  inference_busy_fraction and device_busy_fraction of S (the server under test),
-  train_samples_per_s of the training process (S for D, T for C, 0 for A)."""
-  who = {"C": "T", "D": "S"}.get(cfg)
+  inference_busy_fraction and device_busy_fraction of `server` (the server under
+  test), train_samples_per_s of the training process (`trainer`, by default T for C,
+  `server` for D; 0 for A)."""
+  who = trainer or {"C": "T", "D": server}.get(cfg)
   return {"inference_busy_fraction": poll.rate(
-              'S:coltrain_inference_busy_seconds_total{replica="0"}', t0, t1),
-          "device_busy_fraction": device_busy(poll, "S", t0, t1),
+              f'{server}:coltrain_inference_busy_seconds_total{{replica="0"}}', t0, t1),
+          "device_busy_fraction": device_busy(poll, server, t0, t1),
           "train_samples_per_s": (poll.rate(f"{who}:coltrain_train_samples_total", t0, t1)
                                   if who else 0.0),
-          "chunk_ms": chunk_ms(poll, "S", t0, t1) if cfg == "D" else None,
-          "device_thread": device_thread(poll, "S", t0, t1)}
+          "chunk_ms": chunk_ms(poll, server, t0, t1) if cfg == "D" else None,
+          "device_thread": device_thread(poll, server, t0, t1)}
 
 
 MERGED_RATES = ("inference_busy_fraction", "device_busy_fraction", "train_samples_per_s",

@@ -280,10 +280,9 @@ class DeviceScheduler:
       return start
     if self._training_active():
       c = self._chunk_time_if_trainable(now)
-      late = self.chunk_overrun * c if c is not None else 0.0
-      if c is None or start >= by or start + c > by + late:
+      if c is None or not self._chunk_may_start(start, c, by):
         return start
-      return by + late   # the last chunk may end up to `late` after `by`
+      return by + self.chunk_overrun * c   # when the last chunk ends at the latest
     return max(start, by)
 
   def idle(self, now: float) -> bool:
@@ -387,17 +386,20 @@ class DeviceScheduler:
     then (the queued images plus the measured arrival rate's) and the margin. Called
     with the lock held."""
     by = self._fill_deadline(self._queued_images, now)
-    if by is None or now >= by:
+    if by is None:
       return None
     c = self._chunk_time_if_trainable(now)
-    if c is None:
+    if c is None or not self._chunk_may_start(now, c, by):
       return None
     end = now + c
-    if end > by + self.chunk_overrun * c:
-      return None
     expect = min(self._queued_images + int(self.arrival_rate(now) * c), self.max_batch)
     earliest = min(p.deadline for p in self._queue)
     return c if end + self.batch_time(expect) + self.margin_s <= earliest else None
+
+  def _chunk_may_start(self, t: float, c: float, by: float) -> bool:
+    """Whether a chunk of `c` seconds starting at `t` may run while a batch forms that
+    is due at `by`: it starts before `by` and ends at most `chunk_overrun` x c after."""
+    return t < by and t + c <= by + self.chunk_overrun * c
 
   def _take_batch(self) -> list[Pending]:
     batch, n = [], 0

@@ -34,6 +34,7 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PREFIX = "launch.multiprocess:"
+TRAIN_MODULE = "launch.train"  # what each process runs (`python -m TRAIN_MODULE ...`)
 
 
 def free_port() -> int:
@@ -129,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
                     heartbeat_timeout=args.heartbeat_timeout,
                     init_timeout=args.init_timeout)
     piped = i > 0
-    p = subprocess.Popen([sys.executable, "-m", "launch.train", *train_args], env=env,
+    p = subprocess.Popen([sys.executable, "-m", TRAIN_MODULE, *train_args], env=env,
                          start_new_session=True, preexec_fn=_die_with_parent,
                          stdout=subprocess.PIPE if piped else None,
                          stderr=subprocess.STDOUT if piped else None)
@@ -158,6 +159,13 @@ def main(argv: list[str] | None = None) -> int:
         _kill(p)
 
   old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+  # One waiter thread per process records when it ended, so that the first failure is
+  # the one that really ended first, even when a survivor follows within one poll tick.
+  exit_times: dict[int, float] = {}
+  waiters = [threading.Thread(target=_wait_and_time, args=(p, i, exit_times), daemon=True)
+             for i, p in enumerate(procs)]
+  for w in waiters:
+    w.start()
   ended: dict[int, float] = {}
   killed: set[int] = set()
   first_failure: tuple[int, int, float] | None = None
@@ -165,19 +173,19 @@ def main(argv: list[str] | None = None) -> int:
     while len(ended) < n:
       time.sleep(0.05)
       now = time.monotonic()
-      for i, p in enumerate(procs):
-        if i in ended or p.poll() is None:
-          continue
-        ended[i] = now
-        if p.returncode != 0 and first_failure is None and not signals:
-          first_failure = (i, p.returncode, now)
-          print(f"{PREFIX} process {i} exited {_describe(p.returncode)} after "
-                f"{now - t0:.1f} s; the others should stop within the "
+      new_ends = sorted((t, i) for i, t in list(exit_times.items()) if i not in ended)
+      for t_end, i in new_ends:
+        ended[i] = t_end
+        rc = procs[i].returncode
+        if rc != 0 and first_failure is None and not signals:
+          first_failure = (i, rc, t_end)
+          print(f"{PREFIX} process {i} exited {_describe(rc)} after "
+                f"{t_end - t0:.1f} s; the others should stop within the "
                 f"{args.heartbeat_timeout} s heartbeat timeout (killed after {grace:.0f} s)",
                 file=sys.stderr, flush=True)
         elif first_failure is not None:
-          print(f"{PREFIX} process {i} exited {_describe(p.returncode)} on its own, "
-                f"{now - first_failure[2]:.1f} s after process {first_failure[0]} failed",
+          print(f"{PREFIX} process {i} exited {_describe(rc)} on its own, "
+                f"{t_end - first_failure[2]:.1f} s after process {first_failure[0]} failed",
                 file=sys.stderr, flush=True)
       if first_failure is not None and now - first_failure[2] > grace:
         for i, p in enumerate(procs):
@@ -195,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         p.wait(timeout=30)
       except subprocess.TimeoutExpired:  # pragma: no cover
         pass
-    for t in pumps:
+    for t in pumps + waiters:
       t.join(timeout=5)
     for s, h in old.items():
       signal.signal(s, h)
@@ -208,6 +216,12 @@ def main(argv: list[str] | None = None) -> int:
     return _status(rc)
   bad = [c for c in codes if c != 0]
   return _status(bad[0]) if bad else 0
+
+
+def _wait_and_time(p: subprocess.Popen, i: int, exit_times: dict[int, float]) -> None:
+  """Waits for process `i` and records when it ended (time.monotonic())."""
+  p.wait()
+  exit_times[i] = time.monotonic()
 
 
 def _kill(p: subprocess.Popen) -> None:

@@ -317,3 +317,40 @@ def test_a_peer_that_never_arrives_stops_the_process_clearly(tfds_dir, tmp_path,
           in pr.log()), pr.log()[-2000:]
   assert "did not come together within 5 s" in pr.log()
   assert not (tmp_path / "w" / "checkpoints").exists()
+
+
+FAKE_TRAIN = '''
+import os, signal, sys, time
+flag = sys.argv[1]
+if os.environ["COLTRAIN_PROCESS_ID"] == "1":
+  time.sleep(0.5)
+  open(flag, "w").close()
+  os.kill(os.getpid(), signal.SIGKILL)
+while not os.path.exists(flag):
+  time.sleep(0.002)
+time.sleep(0.02)  # a survivor that sees its peer die and exits at once, within one poll
+print("peer died", flush=True)
+sys.exit(1)
+'''
+
+
+@pytest.mark.parametrize("attempt", range(3))
+def test_launcher_reports_the_process_that_ended_first_as_the_failure(
+    tmp_path, monkeypatch, capfd, attempt):
+  """Process 1 is SIGKILLed; process 0 exits with status 1 20 ms later (within the
+  launcher's 50 ms poll). The launcher's status and report name the killed process, not
+  the survivor that merely reacted to it (a race that once made this module's kill test
+  flaky: the launcher that took the processes in index order within one poll failed all
+  6 of 6 attempts of this test)."""
+  del attempt
+  from launch import multiprocess
+  (tmp_path / "fake_train.py").write_text(FAKE_TRAIN)
+  monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+  monkeypatch.setattr(multiprocess, "TRAIN_MODULE", "fake_train")
+  rc = multiprocess.main(["--processes", "2", "--grace", "20", "--",
+                          str(tmp_path / "flag")])
+  err = capfd.readouterr().err
+  assert rc == 128 + signal.SIGKILL, err
+  assert "process 1 exited by SIGKILL (killed) after" in err, err
+  assert re.search(r"process 0 exited with status 1 on its own, [\d.]+ s after process 1 "
+                   r"failed", err), err

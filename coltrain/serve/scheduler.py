@@ -43,7 +43,6 @@ from __future__ import annotations
 import collections
 import math
 import threading
-import time
 from typing import Callable, Optional
 
 import numpy as np

@@ -60,12 +60,11 @@ def round_orders(names: list[str], rounds: int) -> list[list[str]]:
 
 
 def score(b_sps: float, a: dict, d: dict) -> dict:
-  """One variant's round: retention, harvest, p99 inflation from B's samples/s, and A's
-  and D's measurements (`train_samples_per_s`, `U`, `p99_ms`)."""
-  retention = d["train_samples_per_s"] / b_sps if b_sps else float("nan")
-  return {"retention": retention,
-          "harvest": retention / (1.0 - a["U"]) if a["U"] < 1 else float("nan"),
-          "p99_inflation": d["p99_ms"] / a["p99_ms"] if a["p99_ms"] else float("nan")}
+  """One variant's round: retention, harvest, p99 inflation (`cb.scores`) from B's
+  samples/s, and A's and D's measurements (`train_samples_per_s`, `U`, `p99_ms`)."""
+  s = cb.scores(d["train_samples_per_s"], b_sps, a["U"], d["p99_ms"], a["p99_ms"])
+  return {"retention": s["retention"], "harvest": s["harvest_efficiency"],
+          "p99_inflation": s["p99_inflation"]}
 
 
 def summarize(rows: list[dict]) -> list[dict]:
@@ -112,19 +111,14 @@ def table(summary: list[dict]) -> str:
 def measure_round(server: cb.ServeProcess, poll: cb.Poller, loadgen_args: list[str],
                   rate: float, round_index: int, seconds: float, slo_ms: float) -> dict:
   """One variant's round: B (`cb.training_window`), then A and D under open-loop
-  Poisson load at `rate` for `seconds` each, scored (`score`)."""
+  Poisson load at `rate` for `seconds` each (`cb.load_window`), scored (`score`)."""
   b_sps, b_chunk = cb.training_window(server, poll, seconds)
   row = {"rate": rate, "round": round_index, "variant": server.name,
          "B": {"train_samples_per_s": b_sps, "chunk_ms": b_chunk}}
   for cfg in ("A", "D"):
-    server.training(cfg == "D")
-    time.sleep(0.5)
-    out = cb.run_loadgen(server.url, loadgen_args + [
+    out, m = cb.load_window(server, poll, cfg, loadgen_args + [
         "--mode", "open", "--rate", str(rate), "--duration", str(seconds),
-        "--slo_ms", str(slo_ms), "--seed", str(round_index)], seconds + 180)
-    server.training(False)
-    time.sleep(0.3)
-    m = cb.window_metrics(poll, cfg, *out["window_unix"], server=server.name)
+        "--slo_ms", str(slo_ms), "--seed", str(round_index)], seconds)
     row[cfg] = {"slo_attainment": out.get("slo_attainment", 0.0),
                 "slo_attainment_admitted": out.get("slo_attainment_admitted", 0.0),
                 "p99_ms": out["latency_ms"]["p99"], "p50_ms": out["latency_ms"]["p50"],

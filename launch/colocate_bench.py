@@ -411,20 +411,13 @@ def main(argv=None) -> int:
 
     def point(cfg: str, rho: float, arrival: str, seconds: float = duration,
               seed: int = a.seed, raw_out: Optional[str] = None) -> dict:
-      S.training(cfg == "D")
-      T.training(cfg == "C")
-      time.sleep(0.5)
-      r = run_loadgen(S.url, lg_common + [
+      r, metrics = load_window(S, poll, cfg, lg_common + [
           "--mode", "open", "--rate", str(rho * capacity), "--arrival", arrival,
           "--duration", str(seconds), "--slo_ms", str(slo_ms), "--seed", str(seed)] + (
-          ["--raw_out", raw_out] if raw_out else []), seconds + 180)
-      S.training(False)
-      T.training(False)
-      w0, w1 = r["window_unix"]
-      time.sleep(0.3)
+          ["--raw_out", raw_out] if raw_out else []), seconds, trainer=T)
       rec = {"config": cfg, "rho": rho, "arrival": arrival, "rate_rps": rho * capacity,
              "loadavg_1m": round(os.getloadavg()[0], 2), **r}
-      rec.update(window_metrics(poll, cfg, w0, w1))
+      rec.update(metrics)
       rec.pop("args", None)
       lat = r.get("latency_ms", {})
       log(f"{cfg} rho={rho} {arrival}: p50 {lat.get('p50', float('nan')):.2f} p99 "
@@ -577,6 +570,37 @@ def training_window(server: ServeProcess, poll: Poller, seconds: float
           chunk_ms(poll, server.name, t0, t1))
 
 
+def load_window(server: ServeProcess, poll: Poller, cfg: str, loadgen_args: list[str],
+                seconds: float, trainer: Optional[ServeProcess] = None) -> tuple[dict, dict]:
+  """One load window of configuration `cfg` (A: inference only; D: `server` also
+  trains; C: the separate `trainer` process trains): sets the training switches,
+  settles 0.5 s, runs `launch.loadgen` against `server` with `loadgen_args` (mode,
+  rate, `seconds`, ...), switches training off and returns (the load generator's
+  summary, `window_metrics` over its window)."""
+  server.training(cfg == "D")
+  if trainer is not None:
+    trainer.training(cfg == "C")
+  time.sleep(0.5)
+  r = run_loadgen(server.url, loadgen_args, seconds + 180)
+  server.training(False)
+  if trainer is not None:
+    trainer.training(False)
+  time.sleep(0.3)
+  return r, window_metrics(poll, cfg, *r["window_unix"], server=server.name,
+                           trainer=trainer.name if trainer is not None and cfg == "C" else None)
+
+
+def scores(train_sps: Optional[float], b_sps: float, u: float, p99_ms: float,
+           a_p99_ms: float) -> dict:
+  """The co-location scores of one configuration at one load: retention (its training
+  samples/s / B's), harvest_efficiency (retention / (1 - U), U = A's inference busy
+  fraction) and p99_inflation (its p99 / A's); nan where undefined."""
+  retention = (train_sps or 0.0) / b_sps if b_sps else float("nan")
+  return {"retention": retention,
+          "harvest_efficiency": retention / (1.0 - u) if u < 1 else float("nan"),
+          "p99_inflation": p99_ms / a_p99_ms if a_p99_ms else float("nan")}
+
+
 def window_metrics(poll: Poller, cfg: str, t0: float, t1: float, server: str = "S",
                    trainer: Optional[str] = None) -> dict:
   """The server counters' rates over one load window [t0, t1] (unix s) of `cfg`:
@@ -725,14 +749,16 @@ def summarize(results: dict) -> list[dict]:
       x = _get(pts, cfg, rho, arrival)
       if x is None:
         continue
-      retention = (x["train_samples_per_s"] or 0.0) / b
+      sc = scores(x["train_samples_per_s"], b, u,
+                  x.get("latency_ms", {}).get("p99", float("nan")), a_p99)
+      retention = sc["retention"]
       out.append({
           "config": cfg, "rho": rho, "arrival": arrival,
           "slo_attainment": x.get("slo_attainment"),
           "p99_ms": x.get("latency_ms", {}).get("p99"), "p99_A_ms": a_p99,
-          "p99_inflation": x.get("latency_ms", {}).get("p99", float("nan")) / a_p99,
+          "p99_inflation": sc["p99_inflation"],
           "B_samples_per_s": b, "retention": retention, "U": u,
-          "harvest_efficiency": retention / (1.0 - u) if u < 1 else float("nan"),
+          "harvest_efficiency": sc["harvest_efficiency"],
           "U_device": u_dev,
           "harvest_efficiency_device": (retention / (1.0 - u_dev)
                                         if u_dev is not None and u_dev < 1 else None),

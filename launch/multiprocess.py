@@ -166,16 +166,15 @@ def main(argv: list[str] | None = None) -> int:
              for i, p in enumerate(procs)]
   for w in waiters:
     w.start()
-  ended: dict[int, float] = {}
-  killed: set[int] = set()
+  reported: set[int] = set()   # processes whose end was reported
   first_failure: tuple[int, int, float] | None = None
   try:
-    while len(ended) < n:
+    while len(reported) < n:
       time.sleep(0.05)
       now = time.monotonic()
-      new_ends = sorted((t, i) for i, t in list(exit_times.items()) if i not in ended)
+      new_ends = sorted((t, i) for i, t in list(exit_times.items()) if i not in reported)
       for t_end, i in new_ends:
-        ended[i] = t_end
+        reported.add(i)
         rc = procs[i].returncode
         if rc != 0 and first_failure is None and not signals:
           first_failure = (i, rc, t_end)
@@ -191,7 +190,6 @@ def main(argv: list[str] | None = None) -> int:
         for i, p in enumerate(procs):
           if p.poll() is None:
             _kill(p)
-            killed.add(i)
             print(f"{PREFIX} process {i} did not stop within {grace:.0f} s: killed",
                   file=sys.stderr, flush=True)
   finally:

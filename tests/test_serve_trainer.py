@@ -209,3 +209,44 @@ def test_a_chunk_never_waits_for_input(tfds_dir):
   assert tr.failure is None
   tr._ahead.put(next(iter(tr._batches)))
   assert tr.input_ready() and tr.run_chunk() == 8
+
+
+def _overlapped(tr, chunks):
+  """Runs `chunks` chunks as the asynchronous scheduler does: each one is started
+  before the previous one is finished."""
+  running = None
+  for _ in range(chunks):
+    started = tr.start_chunk()
+    tr.finish_chunk(running)
+    running = started
+  tr.finish_chunk(running)
+
+
+def test_chunks_started_before_the_previous_one_finished_train_and_publish_the_same(
+    tfds_dir):
+  """The asynchronous scheduler starts a chunk before it finishes the one before: the
+  same weights, the same published versions with the same weights, as one at a time."""
+  c = serve_cfg(**{"serve.publish_every": 2})
+  one, two = [], []
+  seq, *_ = make_trainer(c, tfds_dir, one)
+  ovl, *_ = make_trainer(c, tfds_dir, two)
+  for _ in range(14):
+    seq.run_chunk()
+  _overlapped(ovl, 14)
+  assert [w.version for w in one] == [2, 4, 6] == [w.version for w in two]
+  for a, b in zip(one, two):
+    assert _bits(a.params) == _bits(b.params)
+  assert _bits(seq.state.params) == _bits(ovl.state.params)
+  assert seq.samples == ovl.samples == 14 * 8 and ovl.opt_steps == 7
+
+
+def test_overlapped_chunks_of_a_diverging_run_never_publish_bad_weights(tfds_dir):
+  c = serve_cfg(**{"optimizer.learning_rate": 1e30, "optimizer.schedule": "constant"})
+  published = []
+  tr, *_ = make_trainer(c, tfds_dir, published)
+  _overlapped(tr, 40)
+  assert tr.failure is not None and "non-finite" in tr.failure
+  assert not tr.active and tr.start_chunk() is None and tr.finish_chunk(None) == 0
+  assert f"version {tr.published_version}" in tr.failure
+  for w in published:
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(w.params))

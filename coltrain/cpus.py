@@ -110,10 +110,6 @@ class CpuPartition:
     """Pins the calling thread to the device CPUs."""
     os.sched_setaffinity(0, self.device)
 
-  def pin_host_thread(self) -> None:
-    """Pins the calling thread to the host CPUs."""
-    os.sched_setaffinity(0, self.host)
-
   @staticmethod
   def restore(before: dict[int, frozenset[int]]) -> None:
     for tid, cpus in before.items():

@@ -67,16 +67,13 @@ def main(argv):
   from coltrain.config import ConfigError
   from coltrain.serve import Server
 
-  # On the CPU backend, run each computation on the thread that calls it, unless the
-  # schedulers dispatch asynchronously (`serve.async_dispatch`). A scheduler thread on
-  # the device waits for every batch and training chunk anyway; asynchronous dispatch
-  # hands each one to an XLA thread on the same core and back (10-12 us a call).
-  # Measured at 2,450 req/s, three interleaved pairs: D trained 1,126-1,247 vs
-  # 1,030-1,187 samples/s, B 1,928-2,050 vs 1,838-1,958, with the same SLO attainment.
-  # (Other backends ignore this flag.)
-  serve_config = _CONFIG.value.get("serve", {})
-  jax.config.update("jax_cpu_enable_async_dispatch",
-                    bool(serve_config.get("async_dispatch", False)))
+  # On the CPU backend, run each computation on the thread that calls it. The scheduler
+  # thread waits for every batch and training chunk anyway; asynchronous dispatch hands
+  # each one to an XLA thread on the same core and back (10-12 us a call). Measured at
+  # 2,450 req/s, three interleaved pairs: D trained 1,126-1,247 vs 1,030-1,187
+  # samples/s, B 1,928-2,050 vs 1,838-1,958, with the same SLO attainment. (Other
+  # backends ignore this flag.)
+  jax.config.update("jax_cpu_enable_async_dispatch", False)
   try:
     server = Server(_CONFIG.value)
   except ConfigError as e:

@@ -70,75 +70,12 @@ class FakeTrainer:
     return 4
 
 
-class AsyncPredictor(FakePredictor):
-  """`dispatch` returns at once (recording when); the logits are computed when read
-  (`np.asarray`), after `delay` seconds: device work under asynchronous dispatch."""
-
-  def __init__(self, max_batch=8, fail_on=None, delay=0.0):
-    super().__init__(max_batch, fail_on)
-    self.delay = delay
-    self.dispatched = []
-
-  def __call__(self, weights, images):
-    raise AssertionError("a scheduler with asynchronous dispatch calls dispatch()")
-
-  def dispatch(self, weights, images):
-    self.dispatched.append(clock())
-    compute = lambda: FakePredictor.__call__(self, weights, images)  # noqa: E731
-    delay = self.delay
-
-    class Logits:
-      def __array__(self, dtype=None, copy=None):
-        time.sleep(delay)
-        return compute()
-
-    return Logits()
-
-
-class FakeChunk:
-  """A dispatched chunk that the device finishes `seconds` after `start`."""
-
-  def __init__(self, start, seconds):
-    self.start, self.end = start, start + seconds
-    self.samples, self.opt_steps = 4, 1
-
-  def ready(self):
-    return clock() >= self.end
-
-  def wait(self):
-    time.sleep(max(0.0, self.end - clock()))
-
-
-class AsyncTrainer(FakeTrainer):
-  """`start_chunk` returns at once; chunks take `chunk_s` on the device."""
-
-  def __init__(self, log, chunk_s):
-    super().__init__(log)
-    self.chunk_s = chunk_s
-    self.chunks = []          # every FakeChunk started
-    self.finished = []        # clock() when each was finished (reported)
-
-  def run_chunk(self):
-    raise AssertionError("a scheduler with asynchronous dispatch calls start_chunk()")
-
-  def start_chunk(self):
-    self.calls += 1
-    self.opt_steps += 1
-    self.chunks.append(FakeChunk(clock(), self.chunk_s))
-    return self.chunks[-1]
-
-  def finish_chunk(self, chunk):
-    assert chunk.ready()      # reported only once the device finished it
-    self.finished.append(clock())
-    return chunk.samples
-
-
 def make_sched(index=0, trainer=None, slo=1.0, max_batch=8, max_queue=100, delay=0.0,
-               metrics=None, predictor=None, infer_s=lambda b: 0.001, async_dispatch=False):
+               metrics=None, predictor=None, infer_s=lambda b: 0.001):
   pred = predictor or FakePredictor(max_batch)
   s = DeviceScheduler(index, pred, Weights(0, {}, {}), slo_s=slo, max_queue_delay_s=delay,
                       margin_s=0.0, max_queue=max_queue, metrics=metrics or ServeMetrics(),
-                      trainer=trainer, async_dispatch=async_dispatch)
+                      trainer=trainer)
   for b in pred.buckets:
     s.timer.update(b, infer_s(b))
   return s, pred
@@ -165,10 +102,8 @@ def test_buckets_are_powers_of_two():
     bucket_for(9, 8)
 
 
-@pytest.mark.parametrize("async_dispatch", [False, True])
-def test_batches_are_fifo_whole_requests_and_results_map_back(async_dispatch):
-  pred = AsyncPredictor(8) if async_dispatch else None
-  s, pred = make_sched(max_batch=8, predictor=pred, async_dispatch=async_dispatch)
+def test_batches_are_fifo_whole_requests_and_results_map_back():
+  s, pred = make_sched(max_batch=8)
   reqs = [pending(3, value=float(i)) for i in range(5)]
   for p in reqs:
     s.submit(p)
@@ -226,55 +161,6 @@ def test_a_scheduler_that_receives_its_own_requests_admits_them_before_deciding(
   finally:
     s.stop()
   assert 0.0 in link.polls                       # drained between device calls
-
-
-class TimedLink(FakeLink):
-  """A `FakeLink` whose waits honour their timeout, recording when it admitted each
-  request."""
-
-  def __init__(self, sched):
-    super().__init__(sched)
-    self.admitted = []
-
-  def poll(self, timeout):
-    self.polls.append(timeout)
-    if not self.inbox and timeout:
-      self.woken.wait(timeout)
-    self.woken.clear()
-    t0 = clock()
-    while self.inbox:
-      self.admitted.append(clock())
-      self.sched.submit(self.inbox.pop(0))
-    return clock() - t0
-
-
-def test_with_async_dispatch_requests_are_admitted_while_a_chunk_runs():
-  """With asynchronous dispatch the scheduler receives and admits a request while a
-  training chunk runs on the device, runs its batch once the chunk is done, and
-  reports the batch's results while the next chunk runs."""
-  trainer = AsyncTrainer([], chunk_s=0.1)
-  s, pred = make_sched(trainer=trainer, predictor=AsyncPredictor(8), async_dispatch=True)
-  s.timer.update("chunk", 0.1)
-  link = TimedLink(s)
-  s.poll, s.wake_poll = link.poll, link.wake
-  s.start()
-  try:
-    wait_for(lambda: len(trainer.chunks) >= 2)
-    p = pending(1)
-    link.inbox.append(p)
-    link.wake()                                   # the request arrives during a chunk
-    assert p.done.wait(30) and p.error is None
-    wait_for(lambda: any(c.start > pred.dispatched[0] for c in trainer.chunks))
-  finally:
-    s.stop()
-  admitted = link.admitted[0]
-  during = [c for c in trainer.chunks if c.start <= admitted < c.end]
-  assert during, "admitted while no chunk ran"
-  assert pred.dispatched[0] >= during[0].end      # its batch ran after that chunk...
-  after = [c for c in trainer.chunks if c.start >= pred.dispatched[0]][0]
-  assert after.start < p.finished_at < after.end  # ...and was reported during the next
-  assert len(trainer.finished) >= len(trainer.chunks) - 1   # every chunk but the last
-                                                            # was finished (reported)
 
 
 class SlowPredictor(FakePredictor):
@@ -425,10 +311,8 @@ def test_paused_or_failed_trainer_does_not_train():
     s.stop()
 
 
-@pytest.mark.parametrize("predictor", [FakePredictor, AsyncPredictor])
-def test_a_failing_batch_reports_an_error_and_the_loop_survives(predictor):
-  s, pred = make_sched(predictor=predictor(fail_on=3),
-                       async_dispatch=predictor is AsyncPredictor)
+def test_a_failing_batch_reports_an_error_and_the_loop_survives():
+  s, pred = make_sched(predictor=FakePredictor(fail_on=3))
   bad, good = pending(3), pending(1)
   s.submit(bad)
   s.start()

@@ -51,11 +51,6 @@ SERVE_DEFAULTS: dict[str, Any] = {
                                 #   device ("1", "2-3"): XLA and the schedulers run
                                 #   there, the HTTP front end on the other cores ("" =
                                 #   no split; see coltrain/cpus.py)
-    "async_dispatch": False,    # the schedulers hand device work to XLA asynchronously
-                                #   and, while it computes, report the previous work and
-                                #   receive requests; with device_cpus they run on the
-                                #   host cores, only XLA on the device's (launch.serve
-                                #   sets JAX's CPU dispatch to match)
 }
 
 

@@ -61,8 +61,7 @@ class Predictor:
   """Precompiled `predict` executables for one device.
 
   `__call__(weights, images)` runs the bucket executable for `images` (n, H, W, C)
-  float32 under `weights.phase` and returns float32 logits (n, K) as numpy (blocking);
-  `dispatch` starts it and returns the (padded) logits array at once.
+  float32 under `weights.phase` and returns float32 logits (n, K) as numpy (blocking).
   """
 
   def __init__(self, model, spec: DatasetSpec, numerics: Optional[ResolvedPolicy],
@@ -82,12 +81,6 @@ class Predictor:
         self._exe[(phase, b)] = fn.lower(w.params, w.model_state, x).compile()
 
   def __call__(self, weights: Weights, images: np.ndarray) -> np.ndarray:
-    return np.asarray(self.dispatch(weights, images))[:images.shape[0]]
-
-  def dispatch(self, weights: Weights, images: np.ndarray) -> jax.Array:
-    """Starts the bucket executable for `images` (n, H, W, C) float32 under
-    `weights.phase` and returns its logits (bucket, K), padded rows included, without
-    waiting for them when dispatch is asynchronous."""
     n = images.shape[0]
     b = bucket_for(n, self.max_batch)
     if n < b:
@@ -95,4 +88,5 @@ class Predictor:
           [images, np.zeros((b - n,) + images.shape[1:], np.float32)])
     if self.device != jax.devices()[0]:  # numpy goes to the default device by itself
       images = jax.device_put(images, self.device)
-    return self._exe[(weights.phase, b)](weights.params, weights.model_state, images)
+    logits = self._exe[(weights.phase, b)](weights.params, weights.model_state, images)
+    return np.asarray(logits)[:n]

@@ -53,10 +53,6 @@ from coltrain.serve.timing import OnlineTimer, clock
 from coltrain.serve.trainer import ChunkTrainer
 
 RATE_TAU_S = 1.0   # time constant of the arrival-rate estimate
-# With asynchronous dispatch, the scheduler receives requests during this fraction of a
-# training chunk's mean time, then waits for the chunk (a wait for a request that
-# outlasts the chunk would leave the device idle).
-ASYNC_RECEIVE_FRACTION = 0.8
 
 # indices into `DeviceScheduler.thread_seconds` (resolved once, not per loop pass)
 (_INFERENCE, _INFERENCE_RESULTS, _TRAINING, _TRAINING_OTHER, _RECEIVE, _DECIDE,
@@ -118,8 +114,7 @@ class DeviceScheduler:
   def __init__(self, index: int, predictor: Predictor, weights: Weights, *, slo_s: float,
                max_queue_delay_s: float, margin_s: float, max_queue: int,
                metrics: ServeMetrics, trainer: Optional[ChunkTrainer] = None,
-               max_chunk_s: float = 0.0, chunk_overrun: float = 1.0,
-               async_dispatch: bool = False):
+               max_chunk_s: float = 0.0, chunk_overrun: float = 1.0):
     self.index = index
     self.predictor = predictor
     self.max_batch = predictor.max_batch
@@ -132,8 +127,6 @@ class DeviceScheduler:
     self.trainer = trainer
     self.max_chunk_s = max_chunk_s
     self.chunk_overrun = chunk_overrun
-    self.async_dispatch = async_dispatch
-    self._unhandled: Optional[_Work] = None   # finished device work not yet reported
     self.timer = OnlineTimer()
     self._bucket_cache: Optional[tuple[int, dict[int, float]]] = None
     self._queue: collections.deque[Pending] = collections.deque()
@@ -428,18 +421,8 @@ class DeviceScheduler:
   def _wait(self, timeout: float, why: int) -> None:
     """Waits (with `_cv` held once) up to `timeout` s for a request: on the condition,
     or receiving requests with `poll` (the lock released meanwhile). The wait counts as
-    activity `why`, the requests received during it as "receive". With asynchronous
-    dispatch, finished device work not yet reported is reported instead (the lock
-    released meanwhile), and the caller decides again."""
+    activity `why`, the requests received during it as "receive"."""
     self._spend(_DECIDE)
-    if self._unhandled is not None:
-      work, self._unhandled = self._unhandled, None
-      self._cv.release()
-      try:
-        self._handle(work)
-      finally:
-        self._cv.acquire()
-      return
     poll = self.poll
     handled = 0.0
     if poll is None:
@@ -454,68 +437,61 @@ class DeviceScheduler:
     self.thread_seconds[why] -= handled
     self._spend(why)
 
-  def _next_work(self) -> Optional[tuple[Optional[list[Pending]], bool]]:
-    """Waits (with `_cv` held) until there is device work and returns it: (batch, False)
-    for an inference batch, (None, True) for a training chunk; None once stopped. Sets
-    `_busy_until` to the work's predicted end."""
-    while True:
-      if self._stopped:
-        return None
-      now = clock()
-      if self._queue:
-        chunk = self._chunk_while_batch_forms(now)
-        if chunk is not None:
-          self._busy_until = now + chunk
-          return None, True
-        wait = self._batch_wait(now)
-        if wait <= 0:
-          batch = self._take_batch()
-          self._busy_until = now + self.batch_time(sum(p.n for p in batch))
-          return batch, False
-        self._wait(wait, _WAIT_BATCH)
-        continue
-      if self._training_active():
-        if self.incoming() and not self._waits_for_batches(now):
-          # a request is being parsed: it will be queued soon, and run at once
-          self._wait(0.0005, _WAIT_INCOMING)
-          continue
-        if now < self._hold_training_until:   # requests were refused just now
-          self._wait(min(self._hold_training_until - now, 0.01), _WAIT_HOLDOFF)
-          continue
-        if not self.trainer.input_ready():    # never wait for input on the device
-          self._wait(0.001, _WAIT_INPUT)
-          continue
-        if self.chunk_fits(now):
-          self._busy_until = now + (self.timer.predict("chunk") or 0.0)
-          return None, True
-        self.train_skips += 1
-        # Re-check every 10 ms as the arrival-rate estimate decays; relax the
-        # estimates that decide (chunk and batch times, half-life ~0.7 s: they are
-        # not being sampled now) so one slow spell cannot starve training.
-        self.timer.relax_all(0.01)
-        self._wait(0.01, _WAIT_SLACK)
-        continue
-      self._wait(0.1, _WAIT_IDLE)
-
   def _loop(self) -> None:
     self._ident = threading.get_ident()
     if self._on_thread_start is not None:
       self._on_thread_start()
     self._mark = clock()
-    if self.async_dispatch:
-      self._loop_async()
-      return
     while True:
+      batch = None
+      train = False
       poll = self.poll
       if poll is not None:   # admit what arrived during the last device call
         self._spend(_DECIDE)
         poll(0.0)
         self._spend(_RECEIVE)
       with self._cv:
-        work = self._next_work()
-      if work is None:
-        return
-      batch, train = work
+        while True:
+          if self._stopped:
+            return
+          now = clock()
+          if self._queue:
+            chunk = self._chunk_while_batch_forms(now)
+            if chunk is not None:
+              train = True
+              self._busy_until = now + chunk
+              break
+            wait = self._batch_wait(now)
+            if wait <= 0:
+              batch = self._take_batch()
+              self._busy_until = now + self.batch_time(sum(p.n for p in batch))
+              break
+            self._wait(wait, _WAIT_BATCH)
+            continue
+          if self._training_active():
+            if self.incoming() and not self._waits_for_batches(now):
+              # a request is being parsed: it will be queued soon, and run at once
+              self._wait(0.0005, _WAIT_INCOMING)
+              continue
+            if now < self._hold_training_until:   # requests were refused just now
+              self._wait(min(self._hold_training_until - now, 0.01),
+                         _WAIT_HOLDOFF)
+              continue
+            if not self.trainer.input_ready():    # never wait for input on the device
+              self._wait(0.001, _WAIT_INPUT)
+              continue
+            if self.chunk_fits(now):
+              train = True
+              self._busy_until = now + (self.timer.predict("chunk") or 0.0)
+              break
+            self.train_skips += 1
+            # Re-check every 10 ms as the arrival-rate estimate decays; relax the
+            # estimates that decide (chunk and batch times, half-life ~0.7 s: they are
+            # not being sampled now) so one slow spell cannot starve training.
+            self.timer.relax_all(0.01)
+            self._wait(0.01, _WAIT_SLACK)
+            continue
+          self._wait(0.1, _WAIT_IDLE)
       self._spend(_DECIDE)
       try:
         if batch:
@@ -525,137 +501,29 @@ class DeviceScheduler:
           self._run_chunk()
           self._spend(_TRAINING_OTHER)
       except Exception as e:  # never let one bad batch kill the device loop
-        self._fail(batch, train, e)
+        for p in batch or ():
+          if p.finished_at is None:
+            p.error = f"inference failed: {type(e).__name__}: {e}"
+            p.finish()
+        if batch:
+          self.results_done()
+        if train and self.trainer is not None and self.trainer.failure is None:
+          self.trainer.failure = f"training chunk raised {type(e).__name__}: {e}"
+          self.metrics.train_failures.inc()
       finally:
         with self._cv:
           self._busy_until = clock()
 
-  def _fail(self, batch: Optional[list[Pending]], train: bool, e: Exception) -> None:
-    """Reports a failed batch to its requests, or a failed chunk as a training failure."""
-    for p in batch or ():
-      if p.finished_at is None:
-        p.error = f"inference failed: {type(e).__name__}: {e}"
-        p.finish()
-    if batch:
-      self.results_done()
-    if train and self.trainer is not None and self.trainer.failure is None:
-      self.trainer.failure = f"training chunk raised {type(e).__name__}: {e}"
-      self.metrics.train_failures.inc()
-
-  # -- the loop with asynchronous dispatch -----------------------------------------------
-  def _loop_async(self) -> None:
-    """The loop of a scheduler that does not run on the device (`async_dispatch`): it
-    dispatches each piece of device work and, while the device computes, handles the
-    previous one (a batch's results, a chunk's losses) and receives requests (for the
-    first `ASYNC_RECEIVE_FRACTION` of a chunk's predicted time), then waits for the
-    device. The decisions are those of the synchronous loop (`_next_work`), taken once
-    the device is free; before any wait the previous work is handled first
-    (`_wait`)."""
-    done: Optional[_Work] = None
-    while True:
-      poll = self.poll
-      if poll is not None:   # admit what arrived while the device computed
-        self._spend(_DECIDE)
-        poll(0.0)
-        self._spend(_RECEIVE)
-      with self._cv:
-        self._unhandled = done
-        work = self._next_work()
-        done, self._unhandled = self._unhandled, None
-      if work is None:
-        if done is not None:
-          self._handle(done)
-        return
-      running = self._dispatch(*work)
-      self._spend(_DECIDE)
-      if done is not None:
-        self._handle(done)
-      self._await(running)
-      with self._cv:
-        self._busy_until = clock()
-      done = running
-
-  def _dispatch(self, batch: Optional[list[Pending]], train: bool) -> "_Work":
-    """Starts `batch` or a training chunk on the device (never raises: an error is
-    kept in the work and reported by `_handle`)."""
-    w = _Work(batch)
-    w.t0 = clock()
-    try:
-      if batch:
-        images = (batch[0].images if len(batch) == 1
-                  else np.concatenate([p.images for p in batch]))
-        w.n = images.shape[0]
-        w.weights = self.weights
-        w.out = self.predictor.dispatch(w.weights, images)
-      else:
-        w.chunk = self.trainer.start_chunk()
-    except Exception as e:
-      w.error = e
-    return w
-
-  def _await(self, w: "_Work") -> None:
-    """Waits until the device finished `w` (its end time: `w.t1`); during the first
-    `ASYNC_RECEIVE_FRACTION` of a chunk's predicted time it receives requests."""
-    chunk = w.chunk
-    busy = _INFERENCE if w.batch else _TRAINING
-    poll = self.poll
-    if chunk is not None and poll is not None:
-      until = w.t0 + ASYNC_RECEIVE_FRACTION * (self.timer.mean("chunk") or 0.0)
-      while not chunk.ready():
-        left = until - clock()
-        if left <= 0:
-          break
-        self._spend(busy)
-        handled = poll(left) or 0.0
-        self.thread_seconds[_RECEIVE] += handled
-        self.thread_seconds[busy] -= handled
-        self._spend(busy)
-    try:
-      if w.out is not None:
-        w.out = np.asarray(w.out)
-      elif chunk is not None:
-        chunk.wait()
-    except Exception as e:
-      w.error = e
-    w.t1 = clock()
-    self._spend(busy)
-
-  def _handle(self, w: "_Work") -> None:
-    """Reports finished work: a batch's results (or error), a chunk's losses and
-    metrics (or failure)."""
-    try:
-      if w.error is not None:
-        raise w.error
-      if w.batch:
-        self._batch_results(w.batch, w.weights, w.out[:w.n], w.t0, w.t1)
-        self._spend(_INFERENCE_RESULTS)
-      elif w.chunk is not None:
-        tr = self.trainer
-        failed_before = tr.failure is not None
-        samples = tr.finish_chunk(w.chunk)
-        self._chunk_metrics(samples, w.chunk.opt_steps, w.t1 - w.t0,
-                            failed_before)
-        self._spend(_TRAINING_OTHER)
-    except Exception as e:  # never let one bad batch kill the device loop
-      self._fail(w.batch, not w.batch, e)
-      self._spend(_INFERENCE_RESULTS if w.batch else _TRAINING_OTHER)
-
   def _run_inference(self, batch: list[Pending]) -> None:
     images = batch[0].images if len(batch) == 1 else np.concatenate([p.images for p in batch])
+    n = images.shape[0]
     weights = self.weights
     t0 = clock()
     logits = self.predictor(weights, images)
     t1 = clock()
+    dt = t1 - t0
     self._spend(_INFERENCE_RESULTS, t0)   # the device call is "inference", the rest of
     self._spend(_INFERENCE, t1)           # the batch "inference_results"
-    self._batch_results(batch, weights, logits, t0, t1)
-
-  def _batch_results(self, batch: list[Pending], weights: Weights, logits: np.ndarray,
-                     t0: float, t1: float) -> None:
-    """Updates the timers and metrics with a batch that ran on the device from `t0` to
-    `t1` and finishes its requests with their rows of `logits` (n, K)."""
-    n = logits.shape[0]
-    dt = t1 - t0
     b = bucket_for(n, self.max_batch)
     self.timer.update(b, dt)
     for other in self.predictor.buckets:   # estimates not sampled now slowly relax
@@ -683,41 +551,17 @@ class DeviceScheduler:
     t0 = clock()
     samples = tr.run_chunk()
     t1 = clock()
+    dt = t1 - t0
     self._spend(_TRAINING_OTHER, t0)   # the chunk is "training", its metrics
     self._spend(_TRAINING, t1)         # "training_other"
-    self._chunk_metrics(samples, tr.opt_steps - steps_before, t1 - t0, failed_before)
-
-  def _chunk_metrics(self, samples: int, steps: int, dt: float,
-                     failed_before: bool) -> None:
-    """Updates the chunk timer (if the chunk trained) and the training metrics with a
-    chunk of `samples` samples and `steps` optimizer steps that took `dt` seconds."""
-    tr = self.trainer
     if samples:
       self.timer.update("chunk", dt)
     m = self.metrics
     m.train_busy.inc(dt)
     m.train_chunks.inc()
     m.train_samples.inc(samples)
-    m.train_steps.inc(steps)
+    m.train_steps.inc(tr.opt_steps - steps_before)
     if tr.last_loss == tr.last_loss:
       m.train_loss.set(tr.last_loss)
     if tr.failure is not None and not failed_before:
       m.train_failures.inc()
-
-
-class _Work:
-  """Device work dispatched by `DeviceScheduler._loop_async`: an inference `batch` (its
-  `n` images, the `weights` serving it, its logits `out`) or a training `chunk`
-  (`ChunkTrainer.start_chunk`'s); `t0`/`t1` when it was dispatched / seen finished
-  (`clock()`), `error` what it raised."""
-
-  __slots__ = ("batch", "n", "weights", "out", "chunk", "t0", "t1", "error")
-
-  def __init__(self, batch: Optional[list[Pending]]):
-    self.batch = batch
-    self.n = 0
-    self.weights: Optional[Weights] = None
-    self.out = None
-    self.chunk = None
-    self.t0 = self.t1 = 0.0
-    self.error: Optional[Exception] = None

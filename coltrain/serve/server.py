@@ -103,8 +103,7 @@ class Server:
           max_queue_delay_s=s.max_queue_delay_ms / 1e3, margin_s=s.margin_ms / 1e3,
           max_queue=s.max_queue, metrics=self.metrics,
           trainer=self.trainer if r == s.train_replica else None,
-          max_chunk_s=s.max_chunk_ms / 1e3, chunk_overrun=s.chunk_overrun,
-          async_dispatch=s.async_dispatch))
+          max_chunk_s=s.max_chunk_ms / 1e3, chunk_overrun=s.chunk_overrun))
     for sch in self.schedulers:
       self.metrics.track_thread_seconds(sch.index, sch.thread_seconds, THREAD_ACTIVITIES)
     self.warmup_seconds = [sch.warmup() for sch in self.schedulers]
@@ -168,11 +167,8 @@ class Server:
     s = self.config.serve
     if self.cpus is not None:   # XLA's pools -> device cores, Python's threads -> host
       self._cpus_before = self.cpus.pin_threads()
-    pin = None
-    if self.cpus is not None:   # the device's owner, or with async dispatch a host thread
-      pin = self.cpus.pin_host_thread if s.async_dispatch else self.cpus.pin_device_thread
     for sch in self.schedulers:
-      sch.start(on_thread_start=pin)
+      sch.start(on_thread_start=self.cpus.pin_device_thread if self.cpus else None)
     self._http.start(self.cpus)
     if s.slo_ms == 0:
       enabled = self.trainer.enabled if self.trainer is not None else False

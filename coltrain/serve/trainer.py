@@ -63,33 +63,6 @@ def _continue_with_micro_steps(state: TrainState, tx: optax.MultiSteps,
                        opt_state=opt_state), start
 
 
-class Chunk:
-  """A dispatched training chunk (`ChunkTrainer.start_chunk`): its micro-batches' loss
-  arrays, the weights copy it validates (None if none), the samples it trains, the
-  optimizer steps it completes, and the optimizer step and micro-batch counts after
-  it."""
-
-  __slots__ = ("losses", "weights", "samples", "opt_steps", "opt_steps_after",
-               "micro_steps_after")
-
-  def __init__(self, losses: list, weights: Optional[Weights], samples: int,
-               opt_steps: int, opt_steps_after: int, micro_steps_after: int):
-    self.losses = losses
-    self.weights = weights
-    self.samples = samples
-    self.opt_steps = opt_steps
-    self.opt_steps_after = opt_steps_after
-    self.micro_steps_after = micro_steps_after
-
-  def ready(self) -> bool:
-    """Whether the device finished it (never blocks)."""
-    return self.losses[-1].is_ready()
-
-  def wait(self) -> None:
-    """Blocks until the device finished it."""
-    jax.block_until_ready(self.losses)
-
-
 class ChunkTrainer:
   """Owns the train state; only its scheduler thread calls `run_chunk`."""
 
@@ -255,26 +228,10 @@ class ChunkTrainer:
   def run_chunk(self) -> int:
     """Trains up to `chunk_steps` micro-batches (fewer at the end of the run, or when
     the input thread has not read the next global batch yet), blocking until done;
-    returns the samples trained (0 if not active). The same as
-    `finish_chunk(start_chunk())`."""
-    return self.finish_chunk(self.start_chunk())
-
-  def start_chunk(self) -> Optional["Chunk"]:
-    """Dispatches a chunk (see `run_chunk`) without waiting for it: with asynchronous
-    dispatch it runs on the device while the caller goes on. First, if a copy of the
-    weights is due (every `publish_every` optimizer steps), takes it: this chunk's
-    first micro-batch is computed with exactly those weights, and `finish_chunk`
-    publishes them if the chunk's losses are finite. Returns the chunk (None if not
-    active or no micro-batch was ready); hand it to `finish_chunk` before the next
-    chunk's `finish_chunk`."""
+    returns the samples trained (0 if not active)."""
     if not self.active:
-      return None
-    if self._pending is None and (
-        self.opt_steps - max(self.published_version, self._candidate) >= self.publish_every):
-      self._candidate = self.opt_steps
-      self._pending = self.weights()   # one dispatched copy of the weights
+      return 0
     steps = min(self.chunk_steps, self.total_steps * self.accumulate - self.micro_steps)
-    opt_before = self.opt_steps
     losses = []
     for _ in range(steps):
       if self._global is None:
@@ -286,49 +243,38 @@ class ChunkTrainer:
       fn = self._step_for(self.micro_steps, self.phase_at(self.opt_steps))
       m = self.micro_batch
       micro = {k: v[j * m:(j + 1) * m] for k, v in self._global.items()}
-      # queued with asynchronous dispatch; run at once with synchronous dispatch
+      # queued with asynchronous dispatch; run at once with synchronous (launch.serve)
       self.state, metrics = fn(self.state, micro)
       losses.append(metrics["loss"])
       self.micro_steps += 1
       if j == self.accumulate - 1:
         self._global = None                         # read ahead by the input thread
-    if not losses:
-      return None
-    return Chunk(losses, self._pending, len(losses) * self.micro_batch,
-                 self.opt_steps - opt_before, self.opt_steps, self.micro_steps)
-
-  def finish_chunk(self, chunk: Optional["Chunk"]) -> int:
-    """Waits for `chunk` (from `start_chunk`; None: returns 0) and checks its losses:
-    finite, the weights it started from are published (if a copy was taken); else
-    training stops for good (`failure`). After the run's last step, a last copy is
-    taken and published once its weights are checked finite. Returns the samples
-    trained."""
-    if chunk is None:
+    n = len(losses)
+    if not n:
       return 0
     # np.asarray per scalar: 0.3 us over the wait, where jax.device_get's tree
-    # handling took 8 us (once per chunk)
-    losses = [float(np.asarray(x)) for x in chunk.losses]
-    self.samples += chunk.samples
-    if self.failure is not None:   # an earlier chunk failed after this one started
-      return chunk.samples
+    # handling took 8 us (once per chunk, on the device's core)
+    losses = [float(np.asarray(x)) for x in losses]
+    self.samples += n * self.micro_batch
     bad = [x for x in losses if not math.isfinite(x)]
     if bad:
       self._pending = None
-      self.failure = (f"non-finite training loss {bad[0]} at optimizer step "
-                      f"{chunk.opt_steps_after} (micro-batch "
-                      f"{chunk.micro_steps_after}); training stopped, "
-                      f"serving continues on version {self.published_version}")
-      return chunk.samples
+      self.failure = (f"non-finite training loss {bad[0]} at optimizer step {self.opt_steps}"
+                      f" (micro-batch {self.micro_steps}); training stopped, serving "
+                      f"continues on version {self.published_version}")
+      return n * self.micro_batch
     self.last_loss = losses[-1]
-    if chunk.weights is not None and chunk.weights is self._pending:
-      w, self._pending = self._pending, None   # its weights gave finite losses
+    if self._pending is not None:  # its weights just gave finite losses: publish them
+      w, self._pending = self._pending, None
       self.published_version = w.version
       self._publish(w)
-    if self.finished and self.opt_steps > self.published_version and self._pending is None:
-      self._candidate = self.opt_steps   # no later chunk will validate it: check it here
-      self._pending = self.weights()
-      self._validate_final()
-    return chunk.samples
+    if self.opt_steps - max(self.published_version, self._candidate) >= self.publish_every or (
+        self.finished and self.opt_steps > self.published_version):
+      self._candidate = self.opt_steps
+      self._pending = self.weights()   # one dispatched copy of the weights
+      if self.finished:                # no later chunk will validate it: check it here
+        self._validate_final()
+    return n * self.micro_batch
 
   def _validate_final(self) -> None:
     w, self._pending = self._pending, None

@@ -43,3 +43,52 @@ def test_resnet20_train_mode_updates_batch_stats():
 def test_unknown_model_is_a_clear_error():
   with pytest.raises(ValueError, match="unknown model 'vgg'; available: " + ", ".join(sorted(MODELS))):
     get_model("vgg", 10)
+
+
+@pytest.mark.parametrize("shape", [(3, 28, 28, 32), (2, 10, 10, 64), (2, 7, 9, 3)])
+def test_lenet_pooling_equals_flax_max_pool_in_values_and_gradient(shape):
+  """`max_pool_2x2` (a max over a reshape, for XLA CPU's speed) gives exactly
+  `nn.max_pool`'s values, odd sizes included, and exactly its gradient where each
+  window's maximum is unique; where a window holds it twice the gradient is split."""
+  import flax.linen as nn
+  from coltrain.models.lenet import max_pool_2x2
+  ref = lambda x: nn.max_pool(x, (2, 2), strides=(2, 2))  # noqa: E731
+  x = jax.random.normal(jax.random.PRNGKey(3), shape)     # no ties (almost surely)
+  np.testing.assert_array_equal(np.asarray(max_pool_2x2(x)), np.asarray(ref(x)))
+  w = jax.random.normal(jax.random.PRNGKey(4), ref(x).shape)
+  grad = lambda f: jax.grad(lambda x: jnp.sum(f(x) * w))(x)  # noqa: E731
+  g, g_ref = np.asarray(grad(max_pool_2x2)), np.asarray(grad(ref))
+  np.testing.assert_array_equal(g, g_ref)
+  assert np.count_nonzero(g) == w.size                    # one maximum per window
+  tied = x.at[0, 0, :2, 0].set(0.5).at[0, 1, :2, 0].set(-1.0)   # window (0, 0): a tie
+  g = np.asarray(jax.grad(lambda x: jnp.sum(max_pool_2x2(x) * w))(tied))
+  np.testing.assert_array_equal(g[0, 0, :2, 0], [w[0, 0, 0, 0] / 2] * 2)
+
+
+def test_lenet_trains_the_same_with_either_pooling():
+  """One SGD step of LeNet on random images: the same loss and bit-identical weights
+  whether it pools with `max_pool_2x2` or with `nn.max_pool`."""
+  import optax
+  from coltrain.models import lenet
+  model = get_model("lenet", 10)
+  x = jax.random.uniform(jax.random.PRNGKey(5), (8, 28, 28, 1))
+  y = jnp.arange(8) % 10
+  params = model.init(jax.random.PRNGKey(0), x[:1])
+
+  def step(params):
+    loss = lambda p: optax.softmax_cross_entropy_with_integer_labels(  # noqa: E731
+        model.apply(p, x), y).mean()
+    value, g = jax.value_and_grad(loss)(params)
+    return value, jax.tree.map(lambda p, g: p - 0.1 * g, params, g)
+
+  ours = step(params)
+  pool = lenet.max_pool_2x2
+  try:
+    import flax.linen as nn
+    lenet.max_pool_2x2 = lambda h: nn.max_pool(h, (2, 2), strides=(2, 2))
+    ref = step(params)
+  finally:
+    lenet.max_pool_2x2 = pool
+  assert float(ours[0]) == float(ref[0])
+  for a, b in zip(jax.tree.leaves(ours[1]), jax.tree.leaves(ref[1])):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -50,9 +50,7 @@ def test_lenet_pooling_equals_flax_max_pool_in_values_and_gradient(shape):
   """`max_pool_2x2` (a max over a reshape, for XLA CPU's speed) gives exactly
   `nn.max_pool`'s values, odd sizes included, and exactly its gradient where each
   window's maximum is unique; where a window holds it twice the gradient is split."""
-  import flax.linen as nn
-  from coltrain.models.lenet import max_pool_2x2
-  ref = lambda x: nn.max_pool(x, (2, 2), strides=(2, 2))  # noqa: E731
+  from coltrain.models.lenet import flax_max_pool_2x2 as ref, max_pool_2x2
   x = jax.random.normal(jax.random.PRNGKey(3), shape)     # no ties (almost surely)
   np.testing.assert_array_equal(np.asarray(max_pool_2x2(x)), np.asarray(ref(x)))
   w = jax.random.normal(jax.random.PRNGKey(4), ref(x).shape)
@@ -67,28 +65,21 @@ def test_lenet_pooling_equals_flax_max_pool_in_values_and_gradient(shape):
 
 def test_lenet_trains_the_same_with_either_pooling():
   """One SGD step of LeNet on random images: the same loss and bit-identical weights
-  whether it pools with `max_pool_2x2` or with `nn.max_pool`."""
+  whether it pools with `max_pool_2x2` (the default) or with `nn.max_pool`."""
   import optax
-  from coltrain.models import lenet
+  from coltrain.models.lenet import LeNet, flax_max_pool_2x2
   model = get_model("lenet", 10)
   x = jax.random.uniform(jax.random.PRNGKey(5), (8, 28, 28, 1))
   y = jnp.arange(8) % 10
   params = model.init(jax.random.PRNGKey(0), x[:1])
 
-  def step(params):
+  def step(model):
     loss = lambda p: optax.softmax_cross_entropy_with_integer_labels(  # noqa: E731
         model.apply(p, x), y).mean()
     value, g = jax.value_and_grad(loss)(params)
     return value, jax.tree.map(lambda p, g: p - 0.1 * g, params, g)
 
-  ours = step(params)
-  pool = lenet.max_pool_2x2
-  try:
-    import flax.linen as nn
-    lenet.max_pool_2x2 = lambda h: nn.max_pool(h, (2, 2), strides=(2, 2))
-    ref = step(params)
-  finally:
-    lenet.max_pool_2x2 = pool
+  ours, ref = step(model), step(LeNet(10, pool=flax_max_pool_2x2))
   assert float(ours[0]) == float(ref[0])
   for a, b in zip(jax.tree.leaves(ours[1]), jax.tree.leaves(ref[1])):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -47,31 +47,44 @@ def test_unknown_model_is_a_clear_error():
 
 @pytest.mark.parametrize("shape", [(3, 28, 28, 32), (2, 10, 10, 64), (2, 7, 9, 3)])
 def test_lenet_pooling_equals_flax_max_pool_in_values_and_gradient(shape):
-  """`max_pool_2x2` (a max over a reshape, for XLA CPU's speed) gives exactly
-  `nn.max_pool`'s values, odd sizes included, and exactly its gradient where each
-  window's maximum is unique; where a window holds it twice the gradient is split."""
+  """`max_pool_2x2` (for XLA CPU's speed) gives exactly `nn.max_pool`'s values and
+  gradient, odd sizes included, also where a window holds its maximum more than once
+  (the first one, row-major, takes the gradient), as after a ReLU."""
   from coltrain.models.lenet import flax_max_pool_2x2 as ref, max_pool_2x2
-  x = jax.random.normal(jax.random.PRNGKey(3), shape)     # no ties (almost surely)
-  np.testing.assert_array_equal(np.asarray(max_pool_2x2(x)), np.asarray(ref(x)))
+  x = jax.random.normal(jax.random.PRNGKey(3), shape)
+  x = x.at[0, 0, :2, 0].set(0.5).at[0, 1, :2, 0].set(-1.0)   # window (0, 0): a tie
+  x = x.at[0, 2:4, 2:4, 0].set(0.25)                         # window (1, 1): four
+  x = x.at[-1, -2:, -2:, -1].set(-0.0)                       # -0.0 and +0.0 tie
+  x = x.at[-1, -1, -1, -1].set(0.0)
+  relu = jax.nn.relu(x)                                       # many zeros tie
   w = jax.random.normal(jax.random.PRNGKey(4), ref(x).shape)
-  grad = lambda f: jax.grad(lambda x: jnp.sum(f(x) * w))(x)  # noqa: E731
-  g, g_ref = np.asarray(grad(max_pool_2x2)), np.asarray(grad(ref))
-  np.testing.assert_array_equal(g, g_ref)
-  assert np.count_nonzero(g) == w.size                    # one maximum per window
-  tied = x.at[0, 0, :2, 0].set(0.5).at[0, 1, :2, 0].set(-1.0)   # window (0, 0): a tie
-  g = np.asarray(jax.grad(lambda x: jnp.sum(max_pool_2x2(x) * w))(tied))
-  np.testing.assert_array_equal(g[0, 0, :2, 0], [w[0, 0, 0, 0] / 2] * 2)
+  for inp in (x, relu):
+    np.testing.assert_array_equal(np.asarray(max_pool_2x2(inp)), np.asarray(ref(inp)))
+    grad = lambda f: jax.grad(lambda v: jnp.sum(f(v) * w))(inp)  # noqa: E731
+    g, g_ref = np.asarray(grad(max_pool_2x2)), np.asarray(grad(ref))
+    assert g.shape == inp.shape
+    np.testing.assert_array_equal(g.view(np.uint32), g_ref.view(np.uint32))
+    assert np.count_nonzero(g) == np.count_nonzero(w)        # one element per window
+  g = np.asarray(jax.grad(lambda v: jnp.sum(max_pool_2x2(v) * w))(x))
+  np.testing.assert_array_equal(g[0, 0, :2, 0], [w[0, 0, 0, 0], 0.0])
+  np.testing.assert_array_equal(g[0, 2:4, 2:4, 0], [[w[0, 1, 1, 0], 0.0], [0.0, 0.0]])
+  jit_g = jax.jit(jax.grad(lambda v: jnp.sum(max_pool_2x2(v) * w)))(x)
+  np.testing.assert_array_equal(np.asarray(jit_g), g)
 
 
 def test_lenet_trains_the_same_with_either_pooling():
-  """One SGD step of LeNet on random images: the same loss and bit-identical weights
-  whether it pools with `max_pool_2x2` (the default) or with `nn.max_pool`."""
+  """One SGD step of LeNet on MNIST-like images (blank borders, positive conv biases:
+  the pooled outputs tie there): the same loss and bit-identical weights whether it
+  pools with `max_pool_2x2` (the default) or with `nn.max_pool`, under jit."""
   import optax
   from coltrain.models.lenet import LeNet, flax_max_pool_2x2
   model = get_model("lenet", 10)
   x = jax.random.uniform(jax.random.PRNGKey(5), (8, 28, 28, 1))
+  x = x.at[:, :8].set(0.0).at[:, :, -6:].set(0.0)     # blank borders, as MNIST's
   y = jnp.arange(8) % 10
   params = model.init(jax.random.PRNGKey(0), x[:1])
+  for conv in ("conv0", "conv1"):   # positive biases: the blank background's outputs tie
+    params["params"][conv]["bias"] = jnp.full_like(params["params"][conv]["bias"], 0.1)
 
   def step(model):
     loss = lambda p: optax.softmax_cross_entropy_with_integer_labels(  # noqa: E731
@@ -79,7 +92,8 @@ def test_lenet_trains_the_same_with_either_pooling():
     value, g = jax.value_and_grad(loss)(params)
     return value, jax.tree.map(lambda p, g: p - 0.1 * g, params, g)
 
-  ours, ref = step(model), step(LeNet(10, pool=flax_max_pool_2x2))
+  jitted = jax.jit(step, static_argnums=0)
+  ours, ref = jitted(model), jitted(LeNet(10, pool=flax_max_pool_2x2))
   assert float(ours[0]) == float(ref[0])
   for a, b in zip(jax.tree.leaves(ours[1]), jax.tree.leaves(ref[1])):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -3,6 +3,7 @@
 from typing import Callable
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 
@@ -11,24 +12,53 @@ def flax_max_pool_2x2(x: jnp.ndarray) -> jnp.ndarray:
   return nn.max_pool(x, (2, 2), strides=(2, 2))
 
 
-def max_pool_2x2(x: jnp.ndarray) -> jnp.ndarray:
-  """2x2 max pooling with stride 2 (VALID: an odd last row or column is dropped), x (B,
-  H, W, C) -> (B, H // 2, W // 2, C): the values of `nn.max_pool(x, (2, 2), strides=(2,
-  2))`, computed as a max over a reshape. Its gradient is `reduce_max`'s instead of
-  `select_and_scatter_add`'s, which XLA's CPU backend runs slowly (LeNet's gradient of
-  one image 1,135 -> 976 us, of 8 images 5,344 -> 4,047 us on one core): the same
-  gradient, except where a window holds its maximum more than once, where `reduce_max`
-  splits it equally among them instead of giving it all to the first (after a ReLU, a
-  window of zeros passes no gradient either way). `python -m launch.bench_pooling`
-  times both."""
+def _windows(x: jnp.ndarray) -> jnp.ndarray:
+  """x (B, H, W, C) -> (B, H // 2, 2, W // 2, 2, C): the 2x2 windows (VALID: an odd last
+  row or column is dropped)."""
   b, h, w, c = x.shape
-  x = x[:, :h - h % 2, :w - w % 2]
-  return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+  return x[:, :h - h % 2, :w - w % 2].reshape(b, h // 2, 2, w // 2, 2, c)
+
+
+@jax.custom_vjp
+def max_pool_2x2(x: jnp.ndarray) -> jnp.ndarray:
+  """2x2 max pooling with stride 2 (VALID), x (B, H, W, C) -> (B, H // 2, W // 2, C):
+  exactly `nn.max_pool(x, (2, 2), strides=(2, 2))` in values and gradient, computed
+  without `select_and_scatter_add` (the gradient of `nn.max_pool`), which XLA's CPU
+  backend runs slowly. The values are a max over a reshape; the gradient goes, as
+  `select_and_scatter_add`'s does, to the first element of each window (row-major)
+  that equals its maximum, chosen with elementwise masks. `python -m
+  launch.bench_pooling` times both."""
+  return _windows(x).max(axis=(2, 4))
+
+
+def _max_pool_2x2_fwd(x):
+  y = _windows(x).max(axis=(2, 4))
+  return y, (x, y)
+
+
+def _max_pool_2x2_bwd(res, g):
+  x, y = res
+  win = _windows(x)
+  taken = jnp.zeros(y.shape, bool)
+  parts = {}
+  for i in (0, 1):           # row-major: the first maximum of a window takes it all
+    for j in (0, 1):
+      hit = (win[:, :, i, :, j] == y) & ~taken
+      taken = taken | hit
+      parts[i, j] = jnp.where(hit, g, jnp.zeros_like(g))
+  rows = [jnp.stack([parts[i, 0], parts[i, 1]], axis=3) for i in (0, 1)]
+  dx = jnp.stack(rows, axis=2)                         # (B, H/2, 2, W/2, 2, C)
+  b, h, w, c = x.shape
+  dx = dx.reshape(b, h - h % 2, w - w % 2, c)
+  return (jnp.pad(dx, ((0, 0), (0, h % 2), (0, w % 2), (0, 0))),)
+
+
+max_pool_2x2.defvjp(_max_pool_2x2_fwd, _max_pool_2x2_bwd)
 
 
 class LeNet(nn.Module):
   """x (B, H, W, C) float32 -> logits (B, num_classes). `pool`: the 2x2 max pooling
-  (`max_pool_2x2`, or `flax_max_pool_2x2`: the same values)."""
+  (`max_pool_2x2`, or `flax_max_pool_2x2`: the same values and gradients)."""
   num_classes: int
   features: tuple[int, int] = (32, 64)
   hidden: tuple[int, int] = (256, 128)

@@ -26,8 +26,8 @@ def max_pool_2x2(x: jnp.ndarray) -> jnp.ndarray:
   without `select_and_scatter_add` (the gradient of `nn.max_pool`), which XLA's CPU
   backend runs slowly. The values are a max over a reshape; the gradient goes, as
   `select_and_scatter_add`'s does, to the first element of each window (row-major)
-  that equals its maximum, chosen with elementwise masks. `python -m
-  launch.bench_pooling` times both."""
+  that equals its maximum, chosen with elementwise masks (a window holding a NaN
+  passes no gradient). `python -m launch.bench_pooling` times both."""
   return _windows(x).max(axis=(2, 4))
 
 

@@ -76,6 +76,16 @@ def check_device_cpus(text: str) -> Optional[str]:
   return None
 
 
+def benchmark_cpu(requested: Optional[int] = None) -> int:
+  """The core a one-core benchmark runs on: `requested`, or the last core this process
+  may use if None or negative. Raises ValueError if `requested` is not one of them."""
+  allowed = sorted(os.sched_getaffinity(0))
+  cpu = allowed[-1] if requested is None or requested < 0 else requested
+  if cpu not in allowed:
+    raise ValueError(f"--cpu {cpu} is not one of this process's CPUs {allowed}")
+  return cpu
+
+
 @dataclasses.dataclass(frozen=True)
 class CpuPartition:
   """Device CPUs and host CPUs (disjoint; host = the allowed CPUs minus the device's)."""

@@ -49,7 +49,7 @@ import sys
 import time
 from typing import Callable, Optional
 
-from coltrain.cpus import set_one_core_xla_flags
+from coltrain.cpus import benchmark_cpu, set_one_core_xla_flags
 
 os.environ.setdefault("NPROC", "1")   # one device core, as `launch.serve` with one
 set_one_core_xla_flags()
@@ -227,10 +227,10 @@ def main(argv) -> Optional[int]:
             file=sys.stderr)
       return 2
   allowed = sorted(os.sched_getaffinity(0))
-  cpu = allowed[-1] if _CPU.value < 0 else _CPU.value
-  if cpu not in allowed:
-    print(f"bench_interference: --cpu {cpu} is not one of this process's CPUs {allowed}",
-          file=sys.stderr)
+  try:
+    cpu = benchmark_cpu(_CPU.value)
+  except ValueError as e:
+    print(f"bench_interference: {e}", file=sys.stderr)
     return 2
   latency_fd = None
   if _CPU_LATENCY.value >= 0:

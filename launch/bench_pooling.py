@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 import sys
 
-from coltrain.cpus import set_one_core_xla_flags
+from coltrain.cpus import benchmark_cpu, set_one_core_xla_flags
 
 os.environ.setdefault("NPROC", "1")   # one core, as `launch.serve` with one device core
 set_one_core_xla_flags()
@@ -79,10 +79,10 @@ def main(argv=None) -> int:
     p.error("batch sizes and --repeats must be >= 1")
   cpu = a.cpu
   if hasattr(os, "sched_setaffinity"):
-    allowed = sorted(os.sched_getaffinity(0))
-    cpu = allowed[-1] if cpu is None else cpu
-    if cpu not in allowed:
-      p.error(f"--cpu {cpu} is not one of this process's CPUs {allowed}")
+    try:
+      cpu = benchmark_cpu(cpu)
+    except ValueError as e:
+      p.error(str(e))
     os.sched_setaffinity(0, {cpu})   # before JAX starts: its threads inherit it
   import jax
   rows = bench(batches, a.repeats)

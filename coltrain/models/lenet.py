@@ -28,11 +28,15 @@ def max_pool_2x2(x: jnp.ndarray) -> jnp.ndarray:
   `select_and_scatter_add`'s does, to the first element of each window (row-major)
   that equals its maximum, chosen with elementwise masks (a window holding a NaN
   passes no gradient). `python -m launch.bench_pooling` times both."""
+  return _window_max(x)
+
+
+def _window_max(x: jnp.ndarray) -> jnp.ndarray:
   return _windows(x).max(axis=(2, 4))
 
 
 def _max_pool_2x2_fwd(x):
-  y = _windows(x).max(axis=(2, 4))
+  y = _window_max(x)
   return y, (x, y)
 
 

@@ -46,6 +46,8 @@ def test_missing_serve_keys_take_defaults():
 @pytest.mark.parametrize("kw,needle", [
     (dict(max_batch_size=24), "power of two"),
     (dict(max_batch_size=0), "power of two"),
+    (dict(batch_buckets="1,2,64"), r"'serve.batch_buckets' '1,2,64': bucket 64 is outside"),
+    (dict(batch_buckets="4,four"), "'serve.batch_buckets'.*not an integer"),
     (dict(slo_ms=-1.0), "slo_ms"),
     (dict(port=70000), "port"),
     (dict(replicas=0), "replicas"),

@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 
 from coltrain.serve.metrics import ServeMetrics, parse_metrics
-from coltrain.serve.model import Weights, bucket_for, buckets_up_to
+from coltrain.serve.buckets import (bucket_for, buckets_up_to, parse_buckets,
+                                    quarter_octave_buckets)
+from coltrain.serve.model import Weights
 from coltrain.serve.router import Router, Shed
 from coltrain.serve.scheduler import DeviceScheduler, Pending, clock
 from coltrain.serve.timing import OnlineTimer
@@ -23,14 +25,17 @@ SHAPE = (2, 2, 1)
 class FakePredictor:
   """Logits row i = [sum of image i, version]; records batch sizes."""
 
-  def __init__(self, max_batch=8, fail_on=None):
+  def __init__(self, max_batch=8, fail_on=None, buckets=None):
     self.max_batch = max_batch
-    self.buckets = buckets_up_to(max_batch)
+    self.buckets = buckets or buckets_up_to(max_batch)
     self.image_shape = SHAPE
     self.device = jax.devices()[0]
     self.sizes = []
     self.log = None
     self.fail_on = fail_on
+
+  def bucket_for(self, n):
+    return bucket_for(n, self.buckets)
 
   def __call__(self, weights, images):
     n = images.shape[0]
@@ -95,11 +100,60 @@ def wait_for(cond, timeout=30.0):
     time.sleep(0.005)
 
 
-def test_buckets_are_powers_of_two():
+def test_default_buckets_pad_a_batch_by_less_than_a_quarter():
+  assert parse_buckets("", 32) == quarter_octave_buckets(32) == (
+      1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 14, 16, 20, 24, 28, 32)
+  assert quarter_octave_buckets(64)[-5:] == (32, 40, 48, 56, 64)
+  assert quarter_octave_buckets(1) == (1,) and quarter_octave_buckets(6) == (1, 2, 3, 4, 5, 6)
+  for m in (8, 32, 256):
+    b = quarter_octave_buckets(m)
+    assert b[-1] == m and list(b) == sorted(set(b))
+    assert all(bucket_for(n, b) - n < max(1, n / 4) for n in range(1, m + 1))
+
+
+def test_pow2_buckets():
   assert buckets_up_to(8) == (1, 2, 4, 8)
-  assert [bucket_for(n, 8) for n in (1, 2, 3, 5, 8)] == [1, 2, 4, 8, 8]
-  with pytest.raises(ValueError):
-    bucket_for(9, 8)
+  assert parse_buckets("pow2", 8) == (1, 2, 4, 8)
+  b = buckets_up_to(8)
+  assert [bucket_for(n, b) for n in (1, 2, 3, 5, 8)] == [1, 2, 4, 8, 8]
+  for n in (0, 9):
+    with pytest.raises(ValueError, match="outside"):
+      bucket_for(n, b)
+
+
+def test_given_buckets_are_sorted_and_end_at_the_max_batch():
+  b = parse_buckets(" 6, 1,2,3,4,12", 16)
+  assert b == (1, 2, 3, 4, 6, 12, 16)   # sorted, max_batch added
+  assert [bucket_for(n, b) for n in range(1, 17)] == [
+      1, 2, 3, 4, 6, 6, 12, 12, 12, 12, 12, 12, 16, 16, 16, 16]
+  assert parse_buckets("5", 8) == (5, 8)   # a batch of 1..5 pads to 5
+  for spec, msg in (("1,x", "not an integer"), ("0,4", "outside"), ("1,9", "outside"),
+                    ("2,2", "given twice"), ("1,,2", "not an integer")):
+    with pytest.raises(ValueError, match=msg):
+      parse_buckets(spec, 8)
+
+
+def test_batch_time_follows_the_given_buckets():
+  pred = FakePredictor(8, buckets=(1, 2, 3, 4, 6, 8))
+  s, _ = make_sched(predictor=pred, infer_s=lambda b: 0.001 * (1 + b))
+  # each batch is predicted at its own bucket's time: 5 images run bucket 6, 7 bucket 8,
+  # 11 = a full batch of 8 plus 3 (bucket 3)
+  t = {b: s.bucket_time(b) for b in pred.buckets}
+  assert t[3] < t[4] < t[6] < t[8]
+  assert s.batch_time(5) == t[6] and s.batch_time(7) == t[8]
+  assert s.batch_time(11) == pytest.approx(t[8] + t[3])
+  counts = {b: s.timer.count(b) for b in pred.buckets}
+  p = pending(5)
+  s.submit(p)
+  s.start()
+  try:
+    assert p.done.wait(30)
+  finally:
+    s.stop()
+  assert pred.sizes == [5]
+  # the batch's measured time went to bucket 6's estimate, and only there
+  assert {b: s.timer.count(b) - counts[b] for b in pred.buckets} == {
+      1: 0, 2: 0, 3: 0, 4: 0, 6: 1, 8: 0}
 
 
 def test_batches_are_fifo_whole_requests_and_results_map_back():

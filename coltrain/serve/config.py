@@ -14,6 +14,7 @@ from typing import Any
 import ml_collections
 
 from coltrain.cpus import check_device_cpus
+from coltrain.serve.buckets import parse_buckets
 from coltrain.config import (ConfigError, _type_ok, base_config,
                              unknown_override_keys, validate)
 
@@ -26,6 +27,11 @@ SERVE_DEFAULTS: dict[str, Any] = {
                                 #   HTTP, measured at startup
     "max_queue_delay_ms": 1.0,  # dynamic batching: longest wait for a fuller batch
     "max_batch_size": 32,       # images per inference batch (a power of two)
+    "batch_buckets": "",        # batch sizes compiled at start, a batch padded to the
+                                #   smallest >= its images: "" = every size to 8, then
+                                #   four per octave (10, 12, 14, 16, 20, ...); "pow2" =
+                                #   the powers of two; or sizes "1,2,4,6,8,..."
+                                #   (max_batch_size added if missing)
     "max_queue": 4096,          # queued requests per replica before shedding (hard cap)
     "margin_ms": 1.0,           # safety margin in deadline/slack predictions (HTTP, jitter)
     "shed_holdoff_ms": 250.0,   # training pause after a shed, x min(1, shed fraction / 5%)
@@ -104,6 +110,11 @@ def validate_serve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
   b = s["max_batch_size"]
   need(b >= 1 and (b & (b - 1)) == 0,
        f"'serve.max_batch_size' must be a power of two >= 1, got {b}")
+  if b >= 1:
+    try:
+      parse_buckets(s["batch_buckets"], b)
+    except ValueError as e:
+      problems.append(f"'serve.batch_buckets' {s['batch_buckets']!r}: {e}")
   need(s["max_queue"] >= 1, f"'serve.max_queue' must be >= 1, got {s['max_queue']}")
   need(s["margin_ms"] >= 0, f"'serve.margin_ms' must be >= 0, got {s['margin_ms']}")
   need(s["shed_holdoff_ms"] >= 0,

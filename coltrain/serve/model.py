@@ -2,14 +2,17 @@
 
 `Weights` is one immutable published version. `Predictor` holds, for one device, an
 ahead-of-time compiled `make_predict_step` executable per (policy phase, batch-size
-bucket), buckets being the powers of two up to the maximum batch: a batch of n images is
-padded to the next bucket, so nothing is ever compiled on the latency path.
+bucket): a batch of n images is padded to the smallest bucket >= n, so nothing is ever
+compiled on the latency path. The buckets (`serve.batch_buckets`, `parse_buckets`) are
+the powers of two up to the maximum batch by default, or a given list of sizes: finer
+buckets pad less (a batch of 17 images padded to 32 costs nearly twice its own time)
+for more executables to compile at start.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +20,7 @@ import numpy as np
 
 from coltrain.data import DatasetSpec
 from coltrain.numerics.policy import ResolvedPolicy
+from coltrain.serve.buckets import bucket_for, buckets_up_to
 from coltrain.train.step import make_predict_step
 
 
@@ -41,34 +45,24 @@ class Weights:
                                model_state=jax.tree.map(put, self.model_state))
 
 
-def buckets_up_to(max_batch: int) -> tuple[int, ...]:
-  """Powers of two 1, 2, 4, ..., max_batch (a power of two)."""
-  out, b = [], 1
-  while b <= max_batch:
-    out.append(b)
-    b *= 2
-  return tuple(out)
-
-
-def bucket_for(n: int, max_batch: int) -> int:
-  """The smallest power of two >= n (n in [1, max_batch])."""
-  if not 1 <= n <= max_batch:
-    raise ValueError(f"batch of {n} images is outside [1, {max_batch}]")
-  return 1 << (n - 1).bit_length()
-
-
 class Predictor:
   """Precompiled `predict` executables for one device.
 
   `__call__(weights, images)` runs the bucket executable for `images` (n, H, W, C)
   float32 under `weights.phase` and returns float32 logits (n, K) as numpy (blocking).
+  `buckets`: sorted sizes ending at `max_batch` (default: the powers of two).
   """
 
   def __init__(self, model, spec: DatasetSpec, numerics: Optional[ResolvedPolicy],
-               device, max_batch: int, weights: Weights):
+               device, max_batch: int, weights: Weights,
+               buckets: Optional[Sequence[int]] = None):
     self.device = device
     self.max_batch = max_batch
-    self.buckets = buckets_up_to(max_batch)
+    self.buckets = tuple(buckets) if buckets is not None else buckets_up_to(max_batch)
+    if not self.buckets or self.buckets[-1] != max_batch or list(self.buckets) != sorted(
+        set(self.buckets)) or self.buckets[0] < 1:
+      raise ValueError(f"buckets {self.buckets} must be distinct sizes >= 1, sorted, "
+                       f"ending at max_batch {max_batch}")
     self.image_shape = tuple(spec.image_shape)
     num_phases = numerics.num_phases if numerics is not None else 1
     w = weights.to_device(device)
@@ -80,9 +74,13 @@ class Predictor:
         x = jax.ShapeDtypeStruct((b,) + self.image_shape, np.float32, sharding=sharding)
         self._exe[(phase, b)] = fn.lower(w.params, w.model_state, x).compile()
 
+  def bucket_for(self, n: int) -> int:
+    """The bucket a batch of n images (1 <= n <= max_batch) runs in."""
+    return bucket_for(n, self.buckets)
+
   def __call__(self, weights: Weights, images: np.ndarray) -> np.ndarray:
     n = images.shape[0]
-    b = bucket_for(n, self.max_batch)
+    b = self.bucket_for(n)
     if n < b:
       images = np.concatenate(
           [images, np.zeros((b - n,) + images.shape[1:], np.float32)])

@@ -3,8 +3,8 @@
 `DeviceScheduler` is the only thread that runs work on its device. Its loop:
 
 1. **Inference first.** While requests are queued it forms a batch (FIFO, whole
-   requests, at most `max_batch` images) and runs it (padded to its power-of-two
-   bucket) on the current weights. A batch that is not full waits for more requests
+   requests, at most `max_batch` images) and runs it (padded to its bucket,
+   `serve.batch_buckets`) on the current weights. A batch that is not full waits for more requests
    only if they arrive faster than one per `max_queue_delay` (measured rate), the
    oldest request has waited less than `max_queue_delay` and the earliest deadline
    still leaves room for the predicted batch time. With training off the device idles
@@ -48,7 +48,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from coltrain.serve.metrics import THREAD_ACTIVITIES, ServeMetrics
-from coltrain.serve.model import Predictor, Weights, bucket_for
+from coltrain.serve.model import Predictor, Weights
 from coltrain.serve.timing import OnlineTimer, clock
 from coltrain.serve.trainer import ChunkTrainer
 
@@ -247,7 +247,7 @@ class DeviceScheduler:
     full, rem = divmod(n, self.max_batch)
     t = full * table[self.max_batch]
     if rem:
-      t += table[bucket_for(rem, self.max_batch)]
+      t += table[self.predictor.bucket_for(rem)]
     return t
 
   def arrival_rate(self, now: float) -> float:
@@ -524,7 +524,7 @@ class DeviceScheduler:
     dt = t1 - t0
     self._spend(_INFERENCE_RESULTS, t0)   # the device call is "inference", the rest of
     self._spend(_INFERENCE, t1)           # the batch "inference_results"
-    b = bucket_for(n, self.max_batch)
+    b = self.predictor.bucket_for(n)
     self.timer.update(b, dt)
     for other in self.predictor.buckets:   # estimates not sampled now slowly relax
       if other != b:

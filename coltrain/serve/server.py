@@ -34,6 +34,7 @@ from coltrain.cpus import CpuPartition, DeviceCpuClock
 from coltrain.serve.bridge import FrontEndProcess
 from coltrain.serve.init_from import restore_train_state
 from coltrain.serve.metrics import ServeMetrics
+from coltrain.serve.buckets import parse_buckets
 from coltrain.serve.model import Predictor, Weights
 from coltrain.serve.router import Router
 from coltrain.serve.scheduler import THREAD_ACTIVITIES, DeviceScheduler
@@ -97,7 +98,8 @@ class Server:
 
     self.schedulers = []
     for r in range(s.replicas):
-      predictor = Predictor(model, spec, numerics, devices[r], s.max_batch_size, weights)
+      predictor = Predictor(model, spec, numerics, devices[r], s.max_batch_size, weights,
+                            parse_buckets(s.batch_buckets, s.max_batch_size))
       self.schedulers.append(DeviceScheduler(
           r, predictor, weights, slo_s=s.slo_ms / 1e3 or 1.0,
           max_queue_delay_s=s.max_queue_delay_ms / 1e3, margin_s=s.margin_ms / 1e3,

@@ -3,6 +3,7 @@ schedulers run inference first and train the served model in the idle cycles.
 
   config.py     the `serve` config group and its validation
   protocol.py   KServe v2 JSON request parsing / responses
+  buckets.py    the batch sizes a batch is padded to (one executable each)
   model.py      published weight versions, precompiled per-bucket predict executables
   trainer.py    chunked training with coltrain.train's step (gradient accumulation)
   timing.py     online duration estimates

@@ -3,10 +3,11 @@
 `Weights` is one immutable published version. `Predictor` holds, for one device, an
 ahead-of-time compiled `make_predict_step` executable per (policy phase, batch-size
 bucket): a batch of n images is padded to the smallest bucket >= n, so nothing is ever
-compiled on the latency path. The buckets (`serve.batch_buckets`, `parse_buckets`) are
-the powers of two up to the maximum batch by default, or a given list of sizes: finer
-buckets pad less (a batch of 17 images padded to 32 costs nearly twice its own time)
-for more executables to compile at start.
+compiled on the latency path. The server gives the buckets (`serve.batch_buckets`, see
+`coltrain.serve.buckets`: by default every size up to 8, then four per octave); a
+`Predictor` made without them uses the powers of two. Finer buckets pad less (a batch
+of 17 images padded to 32 costs nearly twice its own time) for more executables to
+compile at start.
 """
 
 from __future__ import annotations
@@ -59,8 +60,8 @@ class Predictor:
     self.device = device
     self.max_batch = max_batch
     self.buckets = tuple(buckets) if buckets is not None else buckets_up_to(max_batch)
-    if not self.buckets or self.buckets[-1] != max_batch or list(self.buckets) != sorted(
-        set(self.buckets)) or self.buckets[0] < 1:
+    b = self.buckets
+    if not b or b[0] < 1 or b[-1] != max_batch or any(x >= y for x, y in zip(b, b[1:])):
       raise ValueError(f"buckets {self.buckets} must be distinct sizes >= 1, sorted, "
                        f"ending at max_batch {max_batch}")
     self.image_shape = tuple(spec.image_shape)

@@ -4,10 +4,10 @@
 
 1. **Inference first.** While requests are queued it forms a batch (FIFO, whole
    requests, at most `max_batch` images) and runs it (padded to its bucket,
-   `serve.batch_buckets`) on the current weights. A batch that is not full waits for more requests
-   only if they arrive faster than one per `max_queue_delay` (measured rate), the
-   oldest request has waited less than `max_queue_delay` and the earliest deadline
-   still leaves room for the predicted batch time. With training off the device idles
+   `serve.batch_buckets`) on the current weights. A batch that is not full waits for
+   more requests only if they arrive faster than one per `max_queue_delay` (measured
+   rate), the oldest request has waited less than `max_queue_delay` and the earliest
+   deadline still leaves room for the predicted batch time. With training off the device idles
    meanwhile; with training active it runs training chunks meanwhile, each only if a
    chunk may run at all (see 2: no recent shed, the input ready), it starts before the
    oldest request has waited `max_queue_delay`, ends at most `chunk_overrun` chunk

@@ -32,9 +32,9 @@ from coltrain.models import get_model
 from coltrain.serve.config import validate_serve
 from coltrain.cpus import CpuPartition, DeviceCpuClock
 from coltrain.serve.bridge import FrontEndProcess
+from coltrain.serve.buckets import parse_buckets
 from coltrain.serve.init_from import restore_train_state
 from coltrain.serve.metrics import ServeMetrics
-from coltrain.serve.buckets import parse_buckets
 from coltrain.serve.model import Predictor, Weights
 from coltrain.serve.router import Router
 from coltrain.serve.scheduler import THREAD_ACTIVITIES, DeviceScheduler

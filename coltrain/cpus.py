@@ -86,6 +86,17 @@ def benchmark_cpu(requested: Optional[int] = None) -> int:
   return cpu
 
 
+def pin_benchmark_cpu(requested: Optional[int] = None) -> Optional[int]:
+  """Pins this process to `benchmark_cpu(requested)` and returns that core (call it
+  before JAX starts: its threads inherit the affinity). Where the OS has no affinity
+  call, pins nothing and returns `requested`. ValueError as `benchmark_cpu`."""
+  if not hasattr(os, "sched_setaffinity"):
+    return requested
+  cpu = benchmark_cpu(requested)
+  os.sched_setaffinity(0, {cpu})
+  return cpu
+
+
 @dataclasses.dataclass(frozen=True)
 class CpuPartition:
   """Device CPUs and host CPUs (disjoint; host = the allowed CPUs minus the device's)."""

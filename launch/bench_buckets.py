@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 import sys
 
-from coltrain.cpus import benchmark_cpu, set_one_core_xla_flags
+from coltrain.cpus import pin_benchmark_cpu, set_one_core_xla_flags
 
 os.environ.setdefault("NPROC", "1")   # one core, as `launch.serve` with one device core
 set_one_core_xla_flags()
@@ -84,13 +84,10 @@ def main(argv=None) -> int:
   a = p.parse_args(argv)
   if a.max_batch < 2 or a.repeats < 1:
     p.error("--max_batch must be >= 2 and --repeats >= 1")
-  cpu = a.cpu
-  if hasattr(os, "sched_setaffinity"):
-    try:
-      cpu = benchmark_cpu(cpu)
-    except ValueError as e:
-      p.error(str(e))
-    os.sched_setaffinity(0, {cpu})   # before JAX starts: its threads inherit it
+  try:
+    cpu = pin_benchmark_cpu(a.cpu)   # before JAX starts: its threads inherit it
+  except ValueError as e:
+    p.error(str(e))
   import jax
   from coltrain.serve.buckets import buckets_up_to, quarter_octave_buckets
   times = time_sizes(a.max_batch, a.repeats)

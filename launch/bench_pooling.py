@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 import sys
 
-from coltrain.cpus import benchmark_cpu, set_one_core_xla_flags
+from coltrain.cpus import pin_benchmark_cpu, set_one_core_xla_flags
 
 os.environ.setdefault("NPROC", "1")   # one core, as `launch.serve` with one device core
 set_one_core_xla_flags()
@@ -77,13 +77,10 @@ def main(argv=None) -> int:
     p.error(f"--batches must be comma-separated integers, got {a.batches!r}")
   if any(b < 1 for b in batches) or a.repeats < 1:
     p.error("batch sizes and --repeats must be >= 1")
-  cpu = a.cpu
-  if hasattr(os, "sched_setaffinity"):
-    try:
-      cpu = benchmark_cpu(cpu)
-    except ValueError as e:
-      p.error(str(e))
-    os.sched_setaffinity(0, {cpu})   # before JAX starts: its threads inherit it
+  try:
+    cpu = pin_benchmark_cpu(a.cpu)   # before JAX starts: its threads inherit it
+  except ValueError as e:
+    p.error(str(e))
   import jax
   rows = bench(batches, a.repeats)
   result = {"jax": jax.__version__, "device": str(jax.devices()[0]), "cpu": cpu,

@@ -36,4 +36,8 @@ def test_bench_buckets_rejects_bad_arguments(tmp_path):
                       "--out", str(tmp_path / "x.json")], cwd=ROOT, capture_output=True,
                      text=True, timeout=120)
   assert r.returncode == 2 and "--max_batch must be >= 2" in r.stderr
+  r = subprocess.run([sys.executable, "-m", "launch.bench_buckets", "--cpu", "999",
+                      "--out", str(tmp_path / "x.json")], cwd=ROOT, capture_output=True,
+                     text=True, timeout=120)
+  assert r.returncode == 2 and "--cpu 999 is not one of this process's CPUs" in r.stderr
   assert not (tmp_path / "x.json").exists()

@@ -48,11 +48,11 @@ def time_sizes(max_batch: int, repeats: int) -> dict[int, float]:
   state = {k: v for k, v in variables.items() if k != "params"}
   predict = jax.jit(make_predict_step(model, spec))
   rng = np.random.default_rng(0)
-  fns, inputs = {}, {}
+  fns = {}
   for n in range(1, max_batch + 1):
-    inputs[n] = (255 * rng.random((n,) + spec.image_shape)).astype(np.float32)
-    exe = predict.lower(params, state, inputs[n]).compile()
-    fns[n] = (lambda e, x: lambda p, s: e(p, s, x))(exe, inputs[n])
+    x = (255 * rng.random((n,) + spec.image_shape)).astype(np.float32)
+    exe = predict.lower(params, state, x).compile()
+    fns[n] = lambda p, s, exe=exe, x=x: exe(p, s, x)
   t = _median_seconds(fns, params, state, repeats=repeats, warmup=10)
   return {n: t[n] for n in range(1, max_batch + 1)}
 
@@ -92,9 +92,7 @@ def main(argv=None) -> int:
   from coltrain.serve.buckets import buckets_up_to, quarter_octave_buckets
   times = time_sizes(a.max_batch, a.repeats)
   fixed, per_image = fit_line(times)
-  pow2 = buckets_up_to(1 << (a.max_batch - 1).bit_length())
-  pow2 = tuple(b for b in pow2 if b < a.max_batch) + (a.max_batch,)
-  schemes = {"pow2": padding_overhead(times, pow2),
+  schemes = {"pow2": padding_overhead(times, buckets_up_to(a.max_batch)),
              "quarter_octave": padding_overhead(times, quarter_octave_buckets(a.max_batch))}
   result = {"jax": jax.__version__, "device": str(jax.devices()[0]), "cpu": cpu,
             "repeats": a.repeats, "xla_flags": os.environ.get("XLA_FLAGS", ""),

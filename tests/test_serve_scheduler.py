@@ -113,6 +113,7 @@ def test_default_buckets_pad_a_batch_by_less_than_a_quarter():
 
 def test_pow2_buckets():
   assert buckets_up_to(8) == (1, 2, 4, 8)
+  assert buckets_up_to(1) == (1,) and buckets_up_to(24) == (1, 2, 4, 8, 16, 24)
   assert parse_buckets("pow2", 8) == (1, 2, 4, 8)
   b = buckets_up_to(8)
   assert [bucket_for(n, b) for n in (1, 2, 3, 5, 8)] == [1, 2, 4, 8, 8]

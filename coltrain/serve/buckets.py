@@ -9,11 +9,13 @@ from typing import Sequence
 
 
 def buckets_up_to(max_batch: int) -> tuple[int, ...]:
-  """Powers of two 1, 2, 4, ..., max_batch (a power of two)."""
+  """Powers of two 1, 2, 4, ... below `max_batch`, then `max_batch` (itself a power
+  of two for a server, whose config requires one)."""
   out, b = [], 1
-  while b <= max_batch:
+  while b < max_batch:
     out.append(b)
     b *= 2
+  out.append(max_batch)
   return tuple(out)
 
 

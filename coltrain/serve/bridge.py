@@ -44,6 +44,7 @@ they are.
 
 from __future__ import annotations
 
+import functools
 import json
 import mmap
 import os
@@ -171,7 +172,7 @@ class FrontEndProcess:
     self._send_lock = threading.Lock()
     self._data_lock = threading.Lock()
     self._outbox: list[bytes] = []          # finished results not yet sent
-    self._outbox_codes: dict[int, int] = {}
+    self._outbox_errors = 0                 # how many of them are errors (500)
     self._outbox_lock = threading.Lock()
     self._ready = threading.Event()
     self._closing = False
@@ -363,7 +364,7 @@ class FrontEndProcess:
     key, arrival, deadline_ms, images = wire.read_infer(payload, app.image_shape)
     try:
       app.router.submit(images, arrival=arrival, deadline_ms=deadline_ms,
-                        on_done=lambda p: self._finished(key, p))
+                        on_done=functools.partial(self._finished, key))
     except Shed as e:
       app.metrics.count_response(503)
       self._send_data(wire.result_shed(key, e.retry_after_s, str(e)))
@@ -371,23 +372,27 @@ class FrontEndProcess:
   def _finished(self, key: int, p: Pending) -> None:
     """A scheduler thread finished `p`: its result is buffered, and sent with the
     rest of its batch by `flush_results` (the scheduler's `results_done`)."""
-    if p.error is not None:
-      message, code = wire.result_error(key, 500, p.error), 500
+    if p.error is None:
+      message = wire.result_ok(key, p.result, p.finished_at)
+      with self._outbox_lock:
+        self._outbox.append(message)
     else:
-      message, code = wire.result_ok(key, p.result, p.finished_at), 200
-    with self._outbox_lock:
-      self._outbox.append(message)
-      self._outbox_codes[code] = self._outbox_codes.get(code, 0) + 1
+      message = wire.result_error(key, 500, p.error)
+      with self._outbox_lock:
+        self._outbox.append(message)
+        self._outbox_errors += 1
 
   def flush_results(self) -> None:
     """Sends the buffered results to the front end in one write (and counts them)."""
     with self._outbox_lock:
       if not self._outbox:
         return
-      messages, codes = self._outbox, self._outbox_codes
-      self._outbox, self._outbox_codes = [], {}
-    for code, n in codes.items():
-      self.app.metrics.count_response(code, n)
+      messages, errors = self._outbox, self._outbox_errors
+      self._outbox, self._outbox_errors = [], 0
+    if errors:
+      self.app.metrics.count_response(500, errors)
+    if len(messages) > errors:
+      self.app.metrics.count_response(200, len(messages) - errors)
     self._send_data(b"".join(messages))
 
   def _sent(self, payload: bytes) -> None:

@@ -22,10 +22,12 @@ Exposed at `/metrics` in the Prometheus text format. Names (all prefixed `coltra
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+import bisect
+import threading
+from typing import Callable, Iterable, Sequence
 
 import prometheus_client as prom
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 # What a replica's scheduler thread spends its wall time on
 # (`DeviceScheduler.thread_seconds`, `device_thread_seconds_total{activity}`):
@@ -55,18 +57,14 @@ class ServeMetrics:
     r = self.registry = prom.CollectorRegistry()
     self.requests = prom.Counter("coltrain_requests", "Inference responses by HTTP code",
                                  ["code"], registry=r)
-    self.request_seconds = prom.Histogram("coltrain_request_seconds",
-                                          "Server-side latency of served requests",
-                                          buckets=_LAT, registry=r)
-    self.queue_seconds = prom.Histogram("coltrain_queue_seconds",
-                                        "Time a request waited in the queue",
-                                        buckets=_LAT, registry=r)
-    self.compute_seconds = prom.Histogram("coltrain_compute_seconds",
-                                          "Device time of one inference batch",
-                                          buckets=_LAT, registry=r)
-    self.batch_images = prom.Histogram("coltrain_batch_images", "Images per inference batch",
-                                       buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
-                                       registry=r)
+    self.request_seconds = Histogram("coltrain_request_seconds",
+                                     "Server-side latency of served requests", _LAT, r)
+    self.queue_seconds = Histogram("coltrain_queue_seconds",
+                                   "Time a request waited in the queue", _LAT, r)
+    self.compute_seconds = Histogram("coltrain_compute_seconds",
+                                     "Device time of one inference batch", _LAT, r)
+    self.batch_images = Histogram("coltrain_batch_images", "Images per inference batch",
+                                  (1, 2, 4, 8, 16, 32, 64, 128, 256), r)
     self.shed = prom.Counter("coltrain_shed", "Requests refused by admission control",
                              ["reason"], registry=r)
     self.deadline_miss = prom.Counter("coltrain_deadline_miss",
@@ -114,6 +112,49 @@ class ServeMetrics:
 
   def render(self) -> bytes:
     return prom.generate_latest(self.registry)
+
+
+class Histogram:
+  """A Prometheus histogram (`NAME_bucket{le}`, `NAME_count`, `NAME_sum`) whose
+  `observe_many` takes a whole batch's values under one lock: the serving hot path
+  observes every request's queue time, and `prometheus_client.Histogram.observe` costs
+  about 2.5 us a value (a Python loop over the bounds, a lock per bucket and one for the
+  sum); here a value is one `bisect` and one list increment. Bounds are upper bounds,
+  inclusive (`le`), as in Prometheus; a value above the last one counts only in +Inf."""
+
+  def __init__(self, name: str, documentation: str, bounds: Sequence[float],
+               registry: prom.CollectorRegistry):
+    bounds = [float(b) for b in bounds]
+    if not bounds or any(b >= c for b, c in zip(bounds, bounds[1:])):
+      raise ValueError(f"histogram bounds must be increasing, got {bounds}")
+    self.name, self.documentation, self.bounds = name, documentation, tuple(bounds)
+    self._counts = [0] * (len(bounds) + 1)   # the last one: above every bound
+    self._sum = 0.0
+    self._lock = threading.Lock()
+    registry.register(self)
+
+  def observe(self, value: float) -> None:
+    self.observe_many((value,))
+
+  def observe_many(self, values: Iterable[float]) -> None:
+    """Counts every value of `values` (seconds, images, ...)."""
+    bounds, counts, find = self.bounds, self._counts, bisect.bisect_left
+    with self._lock:
+      total = self._sum
+      for v in values:
+        counts[find(bounds, v)] += 1
+        total += v
+      self._sum = total
+
+  def collect(self):
+    with self._lock:
+      counts, total = list(self._counts), self._sum
+    cumulative, buckets = 0, []
+    for bound, c in zip(self.bounds + (float("inf"),), counts):
+      cumulative += c
+      buckets.append((prom.utils.floatToGoString(bound), cumulative))
+    yield HistogramMetricFamily(self.name, self.documentation, buckets=buckets,
+                                sum_value=total)
 
 
 class _DeviceCpuCollector:

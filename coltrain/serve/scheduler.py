@@ -53,6 +53,7 @@ from coltrain.serve.timing import OnlineTimer, clock
 from coltrain.serve.trainer import ChunkTrainer
 
 RATE_TAU_S = 1.0   # time constant of the arrival-rate estimate
+RELAX_PER_BATCH = 0.002   # how far each batch relaxes the buckets it did not sample
 
 # indices into `DeviceScheduler.thread_seconds` (resolved once, not per loop pass)
 (_INFERENCE, _INFERENCE_RESULTS, _TRAINING, _TRAINING_OTHER, _RECEIVE, _DECIDE,
@@ -63,7 +64,7 @@ RATE_TAU_S = 1.0   # time constant of the arrival-rate estimate
      "wait_slack"))
 
 
-_DONE_LOCK = threading.Lock()   # orders `Pending.finish` and a first `Pending.done`
+_DONE_LOCK = threading.Lock()   # makes `Pending.done`'s event once
 
 
 class Pending:
@@ -91,17 +92,22 @@ class Pending:
   @property
   def done(self) -> threading.Event:
     """Set once the request is finished."""
-    with _DONE_LOCK:
-      if self._event is None:
-        self._event = threading.Event()
-        if self.finished_at is not None:
-          self._event.set()
-      return self._event
+    event = self._event
+    if event is None:
+      with _DONE_LOCK:   # two first callers make one event
+        if self._event is None:
+          self._event = threading.Event()
+        event = self._event
+      # Read after the event is published; `finish` writes `finished_at` before it
+      # reads `_event`: whichever runs second sees the other's write, so the event is
+      # always set once the request is finished (without a lock in `finish`).
+      if self.finished_at is not None:
+        event.set()
+    return event
 
   def finish(self) -> None:
-    with _DONE_LOCK:   # a `done` made from now on is set at once
-      self.finished_at = clock()
-      event = self._event
+    self.finished_at = clock()
+    event = self._event
     if event is not None:
       event.set()
     if self.on_done is not None:
@@ -129,9 +135,17 @@ class DeviceScheduler:
     self.chunk_overrun = chunk_overrun
     self.timer = OnlineTimer()
     self._bucket_cache: Optional[tuple[int, dict[int, float]]] = None
+    self._bucket_of = (0,) + tuple(predictor.bucket_for(n)     # n images -> bucket
+                                   for n in range(1, self.max_batch + 1))
+    self._relax_turn = 0
+    self._relax_per_turn = 1.0 - (1.0 - RELAX_PER_BATCH) ** len(predictor.buckets)
     self._queue: collections.deque[Pending] = collections.deque()
     self._queued_images = 0
-    self._cv = threading.Condition()
+    # `_lock` guards the queue; `_cv` (over the same lock) is what the loop waits on.
+    # The hot paths (admission asks `expected_completion` and `submit` per request)
+    # take the plain lock: `Condition.__enter__` is a Python-level call.
+    self._lock = threading.Lock()
+    self._cv = threading.Condition(self._lock)
     self._busy_until = 0.0
     self._rate, self._rate_t = 0.0, clock()
     self._stopped = False
@@ -230,11 +244,13 @@ class DeviceScheduler:
     if cached is not None and cached[0] == version:
       return cached[1]
     table, per_image = {}, math.inf   # the least per-image estimate of buckets <= b
-    predict = self.timer.predict
+    stats, k_dev = self.timer.stats(), self.timer.k_dev
     for b in self.predictor.buckets:
-      own = predict(b)
-      if own is not None:
-        per_image = min(per_image, own / b)
+      s = stats.get(b)
+      if s is not None:
+        own = (s[0] + k_dev * s[1]) / b   # `OnlineTimer.predict(b)` per image
+        if own < per_image:
+          per_image = own
       table[b] = 0.0 if per_image == math.inf else per_image * b
     self._bucket_cache = (version, table)
     return table
@@ -247,7 +263,7 @@ class DeviceScheduler:
     full, rem = divmod(n, self.max_batch)
     t = full * table[self.max_batch]
     if rem:
-      t += table[self.predictor.bucket_for(rem)]
+      t += table[self._bucket_of[rem]]
     return t
 
   def arrival_rate(self, now: float) -> float:
@@ -257,7 +273,7 @@ class DeviceScheduler:
   def expected_completion(self, n: int, now: float) -> float:
     """When n more images submitted now would be done (predicted): when their batch
     starts (`_batch_start`) plus the queued images' and these n's batch time."""
-    with self._cv:
+    with self._lock:
       queued = self._queued_images
       start = self._batch_start(queued + n, now)
     return start + self.batch_time(queued + n)
@@ -288,7 +304,7 @@ class DeviceScheduler:
     """Nothing queued and no work predicted in progress: a request starts at once, or
     after at most the batching wait. (Admission never sheds such a request: there is
     no backlog to avoid, and serving it keeps the timing estimates fresh.)"""
-    with self._cv:
+    with self._lock:
       return not self._queue and self._busy_until <= now
 
   def hold_training(self, until: float) -> None:
@@ -313,7 +329,7 @@ class DeviceScheduler:
 
   # -- requests --------------------------------------------------------------------------
   def submit(self, p: Pending) -> None:
-    with self._cv:
+    with self._lock:
       self._queue.append(p)
       self._queued_images += p.n
       now = clock()
@@ -524,25 +540,32 @@ class DeviceScheduler:
     dt = t1 - t0
     self._spend(_INFERENCE_RESULTS, t0)   # the device call is "inference", the rest of
     self._spend(_INFERENCE, t1)           # the batch "inference_results"
-    b = self.predictor.bucket_for(n)
+    b = self._bucket_of[n]
     self.timer.update(b, dt)
-    for other in self.predictor.buckets:   # estimates not sampled now slowly relax
-      if other != b:
-        self.timer.relax(other, 0.002)
+    # Estimates not sampled now slowly relax: one other bucket per batch, in turn, by
+    # what `RELAX_PER_BATCH` a batch would have moved it since its last turn.
+    buckets = self.predictor.buckets
+    self._relax_turn = turn = (self._relax_turn + 1) % len(buckets)
+    if buckets[turn] != b:
+      self.timer.relax(buckets[turn], self._relax_per_turn)
     m = self.metrics
     self._busy_metric.inc(dt)
     m.compute_seconds.observe(dt)
     m.batch_images.observe(n)
-    i = 0
+    m.queue_seconds.observe_many([t0 - p.arrival for p in batch])
+    version, compute_ms, index = weights.version, dt * 1e3, self.index
+    misses = i = 0
     for p in batch:
-      m.queue_seconds.observe(t0 - p.arrival)
       if t1 > p.deadline:
-        m.deadline_miss.inc()
-      p.result = {"logits": logits[i:i + p.n], "version": weights.version,
-                  "queue_ms": (t0 - p.arrival) * 1e3, "compute_ms": dt * 1e3,
-                  "replica": self.index, "batch_size": n}
-      i += p.n
+        misses += 1
+      j = i + p.n
+      p.result = {"logits": logits[i:j], "version": version,
+                  "queue_ms": (t0 - p.arrival) * 1e3, "compute_ms": compute_ms,
+                  "replica": index, "batch_size": n}
+      i = j
       p.finish()
+    if misses:
+      m.deadline_miss.inc(misses)
     self.results_done()
 
   def _run_chunk(self) -> None:

@@ -77,6 +77,11 @@ class OnlineTimer:
     s = self._stats.get(key)
     return 0 if s is None else s[2]
 
+  def stats(self) -> dict[Hashable, tuple[float, float, int]]:
+    """Every key's (mean, deviation, samples), as of now (read-only; for readers that
+    derive many predictions at once: `predict(key)` is mean + k_dev x deviation)."""
+    return self._stats
+
   def predict(self, key: Hashable, default: Optional[float] = None) -> Optional[float]:
     """Conservative estimate (mean + k_dev x deviation), or `default` if never seen."""
     s = self._stats.get(key)

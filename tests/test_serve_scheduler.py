@@ -807,3 +807,22 @@ def test_pending_done_is_set_whether_made_before_or_after_finish():
   assert event.is_set() and early.done is event
   assert late.done.is_set() and late.done.wait(0) and late.finished_at is not None
   assert calls == [late]
+
+
+def test_unsampled_buckets_relax_one_per_batch_at_the_per_batch_rate():
+  # Each batch relaxes one other bucket in turn, by what RELAX_PER_BATCH per batch
+  # would have moved it since its last turn: after every len(buckets) batches each
+  # unsampled estimate has moved exactly (1 - RELAX_PER_BATCH) ** len(buckets) of the
+  # way to its floor; the sampled bucket is never relaxed, only updated.
+  from coltrain.serve.scheduler import RELAX_PER_BATCH
+  s, pred = make_sched(max_batch=8, infer_s=lambda b: 0.001)   # buckets 1, 2, 4, 8
+  for _ in range(20):
+    s.timer.update(8, 0.011)                                   # bucket 8 above its floor
+  floor, mean8 = 0.001, s.timer.mean(8)
+  rounds = 5
+  for _ in range(rounds * len(pred.buckets)):
+    s._run_inference([pending(1)])
+  kept = (1 - RELAX_PER_BATCH) ** (rounds * len(pred.buckets))
+  assert s.timer.mean(8) == pytest.approx(floor + (mean8 - floor) * kept, rel=1e-12)
+  assert s.timer.count(1) == 1 + rounds * len(pred.buckets)   # sampled every batch
+  assert pred.sizes == [1] * (rounds * len(pred.buckets))

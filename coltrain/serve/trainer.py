@@ -182,8 +182,10 @@ class ChunkTrainer:
 
   @property
   def active(self) -> bool:
-    """Whether `run_chunk` would train (enabled, not failed, not finished)."""
-    return self.enabled and self.failure is None and not self.finished
+    """Whether `run_chunk` would train (enabled, not failed, not finished). (Asked for
+    every admitted request: `finished` is spelled out in micro-steps.)"""
+    return (self.enabled and self.failure is None
+            and self.micro_steps < self.total_steps * self.accumulate)
 
   def phase_at(self, opt_step: int) -> int:
     if self.numerics is None:

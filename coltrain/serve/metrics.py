@@ -27,7 +27,8 @@ import threading
 from typing import Callable, Iterable, Sequence
 
 import prometheus_client as prom
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
+                                    HistogramMetricFamily)
 
 # What a replica's scheduler thread spends its wall time on
 # (`DeviceScheduler.thread_seconds`, `device_thread_seconds_total{activity}`):

@@ -60,6 +60,15 @@ class Proc:
     with open(self.log_path, errors="replace") as f:
       return f.read()
 
+  def excerpt(self, tail=3000):
+    """For a failure message: the log's error lines (absl/XLA `F`/`E` lines, Python
+    errors; the reason a runtime abort gives comes long before its stack traces), then
+    its tail."""
+    log = self.log()
+    errors = [line for line in log.splitlines()
+              if re.search(r"(^|\] )[FE]\d{4} |Error|error|failed", line)][:40]
+    return "error lines:\n" + "\n".join(errors) + f"\n...\n{log[-tail:]}"
+
   def child_pids(self):
     m = re.search(r"launch\.multiprocess: .* pids ((?:\d+=\d+ ?)+)", self.log())
     return {} if not m else {int(k): int(v) for k, v in
@@ -70,7 +79,7 @@ class Proc:
       return self.p.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
       self.kill()
-      raise AssertionError(f"timed out after {timeout} s:\n{self.log()[-4000:]}")
+      raise AssertionError(f"timed out after {timeout} s:\n{self.excerpt()}")
 
   def kill(self):
     pids = self.child_pids()
@@ -123,13 +132,13 @@ def run_single(procs, args, workdir, devices=8, timeout=300):
   """One process with `devices` simulated CPU devices."""
   pr = procs(train_cmd(args, workdir), f"{workdir}.log",
              env=_env(JAX_NUM_CPU_DEVICES=str(devices), NPROC=str(2 * devices)))
-  assert pr.wait(timeout) == 0, pr.log()[-4000:]
+  assert pr.wait(timeout) == 0, pr.excerpt()
   return summary(workdir), pr.log()
 
 
 def run_mp(procs, processes, devices, args, workdir, timeout=300):
   pr = procs(mp_cmd(processes, devices, args, workdir), f"{workdir}.log")
-  assert pr.wait(timeout) == 0, pr.log()[-4000:]
+  assert pr.wait(timeout) == 0, pr.excerpt()
   return summary(workdir), pr.log()
 
 
@@ -140,7 +149,7 @@ def reference(tfds_dir, tmp_path_factory):
   pr = Proc(train_cmd(GOSSIP, workdir), f"{workdir}.log",
             env=_env(JAX_NUM_CPU_DEVICES="8", NPROC="16"))
   try:
-    assert pr.wait(300) == 0, pr.log()[-4000:]
+    assert pr.wait(300) == 0, pr.excerpt()
   finally:
     pr.kill()
   return summary(workdir)
@@ -230,7 +239,7 @@ def test_kill_one_process_survivors_stop_and_relaunch_resumes_exactly(
   assert not (workdir / "summary.json").exists()
 
   second = procs(cmd, tmp_path / "second.log")
-  assert second.wait(300) == 0, second.log()[-4000:]
+  assert second.wait(300) == 0, second.excerpt()
   s = summary(workdir)
   assert s["resumed_from_step"] == stopped_at
   assert s["params_fingerprint"] == reference["params_fingerprint"]

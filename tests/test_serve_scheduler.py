@@ -812,8 +812,9 @@ def test_pending_done_is_set_whether_made_before_or_after_finish():
 def test_unsampled_buckets_relax_one_per_batch_at_the_per_batch_rate():
   # Each batch relaxes one other bucket in turn, by what RELAX_PER_BATCH per batch
   # would have moved it since its last turn: after every len(buckets) batches each
-  # unsampled estimate has moved exactly (1 - RELAX_PER_BATCH) ** len(buckets) of the
-  # way to its floor; the sampled bucket is never relaxed, only updated.
+  # unsampled estimate keeps exactly (1 - RELAX_PER_BATCH) ** len(buckets) of its
+  # distance to its floor, as with every bucket relaxed after every batch; the sampled
+  # bucket is never relaxed, only updated.
   from coltrain.serve.scheduler import RELAX_PER_BATCH
   s, pred = make_sched(max_batch=8, infer_s=lambda b: 0.001)   # buckets 1, 2, 4, 8
   for _ in range(20):

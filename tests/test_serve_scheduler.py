@@ -459,6 +459,7 @@ def test_online_timer():
   assert t.mean("x") == pytest.approx(10.0, rel=0.05)
   with pytest.raises(ValueError):
     t.update("x", -1.0)
+  assert t.predict_many(["x", "never"]) == [t.predict("x"), None]   # the same formula
 
 
 def test_stale_estimates_relax_so_training_resumes():

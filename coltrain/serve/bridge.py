@@ -373,14 +373,12 @@ class FrontEndProcess:
     """A scheduler thread finished `p`: its result is buffered, and sent with the
     rest of its batch by `flush_results` (the scheduler's `results_done`)."""
     if p.error is None:
-      message = wire.result_ok(key, p.result, p.finished_at)
-      with self._outbox_lock:
-        self._outbox.append(message)
+      message, error = wire.result_ok(key, p.result, p.finished_at), 0
     else:
-      message = wire.result_error(key, 500, p.error)
-      with self._outbox_lock:
-        self._outbox.append(message)
-        self._outbox_errors += 1
+      message, error = wire.result_error(key, 500, p.error), 1
+    with self._outbox_lock:
+      self._outbox.append(message)
+      self._outbox_errors += error
 
   def flush_results(self) -> None:
     """Sends the buffered results to the front end in one write (and counts them)."""

@@ -29,6 +29,7 @@ from typing import Callable, Iterable, Sequence
 import prometheus_client as prom
 from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
                                     HistogramMetricFamily)
+from prometheus_client.utils import floatToGoString
 
 # What a replica's scheduler thread spends its wall time on
 # (`DeviceScheduler.thread_seconds`, `device_thread_seconds_total{activity}`):
@@ -153,7 +154,7 @@ class Histogram:
     cumulative, buckets = 0, []
     for bound, c in zip(self.bounds + (float("inf"),), counts):
       cumulative += c
-      buckets.append((prom.utils.floatToGoString(bound), cumulative))
+      buckets.append((floatToGoString(bound), cumulative))
     yield HistogramMetricFamily(self.name, self.documentation, buckets=buckets,
                                 sum_value=total)
 

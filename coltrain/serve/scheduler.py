@@ -244,13 +244,10 @@ class DeviceScheduler:
     if cached is not None and cached[0] == version:
       return cached[1]
     table, per_image = {}, math.inf   # the least per-image estimate of buckets <= b
-    stats, k_dev = self.timer.stats(), self.timer.k_dev
-    for b in self.predictor.buckets:
-      s = stats.get(b)
-      if s is not None:
-        own = (s[0] + k_dev * s[1]) / b   # `OnlineTimer.predict(b)` per image
-        if own < per_image:
-          per_image = own
+    buckets = self.predictor.buckets
+    for b, own in zip(buckets, self.timer.predict_many(buckets)):
+      if own is not None:
+        per_image = min(per_image, own / b)
       table[b] = 0.0 if per_image == math.inf else per_image * b
     self._bucket_cache = (version, table)
     return table
@@ -552,16 +549,16 @@ class DeviceScheduler:
     self._busy_metric.inc(dt)
     m.compute_seconds.observe(dt)
     m.batch_images.observe(n)
-    m.queue_seconds.observe_many([t0 - p.arrival for p in batch])
+    waits = [t0 - p.arrival for p in batch]
+    m.queue_seconds.observe_many(waits)
     version, compute_ms, index = weights.version, dt * 1e3, self.index
     misses = i = 0
-    for p in batch:
+    for p, wait in zip(batch, waits):
       if t1 > p.deadline:
         misses += 1
       j = i + p.n
-      p.result = {"logits": logits[i:j], "version": version,
-                  "queue_ms": (t0 - p.arrival) * 1e3, "compute_ms": compute_ms,
-                  "replica": index, "batch_size": n}
+      p.result = {"logits": logits[i:j], "version": version, "queue_ms": wait * 1e3,
+                  "compute_ms": compute_ms, "replica": index, "batch_size": n}
       i = j
       p.finish()
     if misses:

@@ -14,7 +14,7 @@ in the device and the front-end processes of one host).
 from __future__ import annotations
 
 import time
-from typing import Hashable, Optional
+from typing import Hashable, Optional, Sequence
 
 clock = time.perf_counter
 
@@ -77,10 +77,10 @@ class OnlineTimer:
     s = self._stats.get(key)
     return 0 if s is None else s[2]
 
-  def stats(self) -> dict[Hashable, tuple[float, float, int]]:
-    """Every key's (mean, deviation, samples), as of now (read-only; for readers that
-    derive many predictions at once: `predict(key)` is mean + k_dev x deviation)."""
-    return self._stats
+  def predict_many(self, keys: Sequence[Hashable]) -> list[Optional[float]]:
+    """`predict(key)` of every key (None if never seen), in one call."""
+    stats, k_dev = self._stats, self.k_dev
+    return [None if (s := stats.get(key)) is None else s[0] + k_dev * s[1] for key in keys]
 
   def predict(self, key: Hashable, default: Optional[float] = None) -> Optional[float]:
     """Conservative estimate (mean + k_dev x deviation), or `default` if never seen."""

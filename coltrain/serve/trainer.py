@@ -173,7 +173,9 @@ class ChunkTrainer:
 
   @property
   def finished(self) -> bool:
-    return self.opt_steps >= self.total_steps
+    """Whether every optimizer step is done (`opt_steps >= total_steps`, in micro-steps:
+    `active` asks it for every admitted request)."""
+    return self.micro_steps >= self.total_steps * self.accumulate
 
   def input_ready(self) -> bool:
     """Whether the next micro-batch is at hand (a chunk never waits for input: the
@@ -182,10 +184,8 @@ class ChunkTrainer:
 
   @property
   def active(self) -> bool:
-    """Whether `run_chunk` would train (enabled, not failed, not finished). (Asked for
-    every admitted request: `finished` is spelled out in micro-steps.)"""
-    return (self.enabled and self.failure is None
-            and self.micro_steps < self.total_steps * self.accumulate)
+    """Whether `run_chunk` would train (enabled, not failed, not finished)."""
+    return self.enabled and self.failure is None and not self.finished
 
   def phase_at(self, opt_step: int) -> int:
     if self.numerics is None:

@@ -42,7 +42,6 @@ _SENT = struct.Struct("<dd")
 _COUNT = struct.Struct("<H")
 _KEY_CODE = struct.Struct("<QH")
 _RESULT_OK = struct.Struct("<QHQddIIdII")
-_RESULT_OK_FRAME = struct.Struct("<IBQHQddIIdII")   # the frame header + _RESULT_OK
 _F64 = struct.Struct("<d")
 _STR = struct.Struct("<I")
 _INCOMING = struct.Struct("<i")
@@ -59,8 +58,7 @@ def read_incoming(page) -> int:
 
 
 def frame(kind: int, *parts: bytes) -> bytes:
-  size = 1 + sum(len(p) for p in parts)
-  return b"".join((_FRAME.pack(size, kind),) + parts)
+  return _FRAME.pack(1 + sum(map(len, parts)), kind) + b"".join(parts)
 
 
 def _pack_str(b: bytes) -> bytes:
@@ -184,12 +182,11 @@ def read_slo(p: bytes) -> float:
 
 
 def result_ok(key: int, r: dict, finished_at: float) -> bytes:
-  """(Packed with its frame header in one call: one per served request.)"""
   logits = np.ascontiguousarray(r["logits"], np.float32)
   n, k = logits.shape
-  return _RESULT_OK_FRAME.pack(1 + _RESULT_OK.size + 4 * n * k, RESULT, key, 200,
-                               r["version"], r["queue_ms"], r["compute_ms"], r["replica"],
-                               r["batch_size"], finished_at, n, k) + logits.tobytes()
+  return frame(RESULT, _RESULT_OK.pack(key, 200, r["version"], r["queue_ms"], r["compute_ms"],
+                                       r["replica"], r["batch_size"], finished_at, n, k),
+               logits.tobytes())
 
 
 def result_shed(key: int, retry_after_s: float, message: str) -> bytes:

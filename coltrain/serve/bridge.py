@@ -17,20 +17,24 @@ front end's own interpreter.
     * a control thread (on the host CPUs) reads the control link: SENT -> the router's
       response delay and the `request_seconds` histogram, COUNT -> `requests_total`,
       FSHED -> a shed, CALL -> `Control` (answered on the control link);
-    * the data link carries INFER -> `Router.submit` (a shed is answered at once) and
-      the RESULTs, which the scheduler thread that finishes a batch sends, the whole
-      batch's in one write (`on_done` buffers them, the scheduler's `results_done`
-      flushes). With one replica the scheduler thread reads the data link itself
-      (`pump`, in its idle waits and between device calls): requests are admitted by
-      the device's own thread, with no other thread on the device CPUs to wake, switch
-      to or share the GIL with; a request that arrives during a batch or a training
-      chunk waits in the socket until the device is free, which it would do anyway,
-      and its deadline counts from its arrival in the front end. With several replicas
-      a data thread on the device CPUs pumps and the schedulers are woken as before.
+    * the INFER messages -> `Router.submit` (a shed is answered at once) come through
+      the request ring (`coltrain.serve.ring`: shared memory, read without a system
+      call; the front end rings a doorbell on the data link only while the reader
+      waits), or over the data link with `use_ring` off or where the ring is not
+      supported. The data link carries the RESULTs, which the scheduler thread that
+      finishes a batch sends, the whole batch's in one write (`on_done` buffers them,
+      the scheduler's `results_done` flushes). With one replica the scheduler thread
+      receives the requests itself (`pump`, in its idle waits and between device
+      calls): requests are admitted by the device's own thread, with no other thread
+      on the device CPUs to wake, switch to or share the GIL with; a request that
+      arrives during a batch or a training chunk waits in the ring until the device is
+      free, which it would do anyway, and its deadline counts from its arrival in the
+      front end. With several replicas a data thread on the device CPUs pumps and the
+      schedulers are woken as before.
   The front end counts the requests it is receiving in the shared page; the router adds
   that count to `incoming`, so no training chunk starts while a request is on its way
   (the count drops once its INFER message is written, so a scheduler that drains the
-  data link before it decides sees every request).
+  ring before it decides sees every request).
   stop() closes the socket pairs: the front end sees end-of-file and exits.
 
   Measured (see the README): at 2,200 req/s the old bridge thread on the device core
@@ -57,6 +61,7 @@ import time
 import traceback
 from typing import TYPE_CHECKING, Any, Optional
 
+from coltrain.serve import ring as request_ring
 from coltrain.serve import wire
 from coltrain.serve.http import Response
 from coltrain.serve.router import Shed
@@ -148,8 +153,12 @@ class Control:
 class FrontEndProcess:
   """See module docstring."""
 
-  def __init__(self, app: "Server", host: str, port: int):
+  def __init__(self, app: "Server", host: str, port: int, use_ring: bool = True):
     self.app = app
+    # requests through the shared-memory ring (`coltrain.serve.ring`) where supported;
+    # made in start(), when the largest request is known
+    self.use_ring = use_ring and request_ring.SUPPORTED
+    self._ring: Optional[request_ring.FrameRing] = None
     self.control = Control(app)
     self.listener = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET,
                                   socket.SOCK_STREAM)
@@ -188,22 +197,30 @@ class FrontEndProcess:
     on the device CPUs does."""
     mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     data_mine, data_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    app = self.app
     fds = (self.listener.fileno(), theirs.fileno(), data_theirs.fileno(), self._memfd)
+    args = ["--listen_fd", str(fds[0]), "--ipc_fd", str(fds[1]), "--data_fd", str(fds[2]),
+            "--shared_fd", str(fds[3])]
+    ring_fd = None
+    if self.use_ring:
+      largest = wire.infer_bytes(app.max_batch, app.image_shape)
+      self._ring, ring_fd = request_ring.FrameRing.create(request_ring.capacity_for(largest))
+      fds += (ring_fd,)
+      args += ["--ring_fd", str(ring_fd)]
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
-    self.proc = subprocess.Popen(
-        [sys.executable, "-m", "coltrain.serve.frontend", "--listen_fd", str(fds[0]),
-         "--ipc_fd", str(fds[1]), "--data_fd", str(fds[2]), "--shared_fd", str(fds[3])],
-        pass_fds=fds, env=env)
+    self.proc = subprocess.Popen([sys.executable, "-m", "coltrain.serve.frontend", *args],
+                                 pass_fds=fds, env=env)
     theirs.close()
     data_theirs.close()
+    if ring_fd is not None:   # the front end has its own; the mapping stays
+      os.close(ring_fd)
     if cpus is not None:
       os.sched_setaffinity(self.proc.pid, cpus.host)
     self._cpus = cpus
     self._sock = mine
     data_mine.setblocking(False)
     self._data = data_mine
-    app = self.app
     for sch in app.schedulers:   # a batch's results go out in one write
       sch.results_done = self.flush_results
     self.send(wire.hello({"model_name": app.model_name, "image_shape": list(app.image_shape),
@@ -314,6 +331,8 @@ class FrontEndProcess:
     link: the scheduler (one replica) or the data thread. Returns the seconds spent
     after the wait (receiving and admitting), which the scheduler counts apart from
     its waiting."""
+    if self._ring is not None:
+      return self._pump_ring(timeout)
     sock = self._data
     if self._data_eof or sock is None:
       if timeout is None or timeout > 0:
@@ -339,6 +358,38 @@ class FrontEndProcess:
     for kind, payload in messages:
       self._handle(self._data_handlers, kind, payload)
     return clock() - t0
+
+  def _pump_ring(self, timeout: Optional[float]) -> float:
+    """`pump` with the requests in the ring: a wait (only if the ring is empty) blocks on
+    the data link, where the front end rings a doorbell while this side waits."""
+    ring = self._ring
+    if (timeout is None or timeout > 0) and not ring.pending():
+      if ring.begin_wait():
+        links = [self._wake_r] if self._data_eof or self._data is None else [
+            self._data, self._wake_r]
+        ready, _, _ = select.select(links, [], [], timeout)
+        ring.end_wait()
+        if self._wake_r in ready:
+          self._drain_wake()
+        if self._data in ready:
+          self._drain_doorbell()
+      else:
+        ring.end_wait()
+    t0 = clock()
+    for kind, payload in ring.read():
+      self._handle(self._data_handlers, kind, payload)
+    return clock() - t0
+
+  def _drain_doorbell(self) -> None:
+    """Reads the doorbell's bytes (with the ring, nothing else comes on the data link
+    from the front end); end of stream: the front end is gone."""
+    try:
+      if not self._data.recv(4096):
+        self._data_eof = True
+    except BlockingIOError:
+      pass
+    except OSError:
+      self._data_eof = True
 
   def wake(self) -> None:
     """Ends a `pump` wait early (from any thread)."""

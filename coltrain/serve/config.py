@@ -53,6 +53,8 @@ SERVE_DEFAULTS: dict[str, Any] = {
                                 #   if it starts within max_queue_delay and ends at
                                 #   most this many chunk times past it (0..1)
     "publish_every": 10,        # publish new weights every K optimizer steps
+    "request_ring": True,       # requests reach the device process through shared
+                                #   memory (x86-64; elsewhere, or false: the socket)
     "device_cpus": "",          # CPU-only machines: cores reserved for the emulated
                                 #   device ("1", "2-3"): XLA and the schedulers run
                                 #   there, the HTTP front end on the other cores ("" =

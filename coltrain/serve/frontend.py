@@ -17,8 +17,9 @@ result in time (or the device process gone), 500 if something unexpected failed 
 server keeps running).
 
 This process parses and checks inference requests (a malformed one is a 400 whatever
-the load) and sends the images to the device process as raw float32 (`wire.INFER`);
-the answer comes back as a `wire.RESULT` and is encoded here. Every other endpoint
+the load) and sends the images to the device process as raw float32 (`wire.INFER`,
+through the shared-memory request ring `coltrain.serve.ring`, else the data link); the
+answer comes back as a `wire.RESULT` and is encoded here. Every other endpoint
 but liveness is forwarded as it is (`wire.CALL`) and answered by the device process.
 HTTP is served by `coltrain.serve.http.HTTPServer` on one uvloop event loop: no thread
 per connection and no task per request.
@@ -35,6 +36,7 @@ or the backlog grows instead of draining. (Such a refused request is not checked
 overload a malformed request may be answered 503 instead of 400.)
 
   python -m coltrain.serve.frontend --listen_fd N --ipc_fd N --data_fd N --shared_fd N
+      [--ring_fd N]
   (internal: started by `FrontEndProcess`; exits when the device process closes the
   socket pairs)
 """
@@ -52,6 +54,7 @@ import sys
 from typing import Any, Optional
 
 from coltrain.serve import wire
+from coltrain.serve.ring import FrameRing
 from coltrain.serve.http import Deferred, HTTPServer, Request, Response
 from coltrain.serve.protocol import (HEADER_LENGTH, ProtocolError, encode_infer_response,
                                      header_length, parse_infer_request)
@@ -61,6 +64,7 @@ MAX_BODY_BYTES = 16 << 20
 FRONT_SHED_FRACTION = 0.5  # refuse unparsed when the backlog took this much of the SLO
 RESULT_GRACE_S = 60.0     # 504 if a request's result is this late past its deadline
 KEEP_ALIVE_S = 60.0       # idle keep-alive connections are closed after this
+RING_RETRY_S = 0.0005     # requests that found the request ring full are retried this often
 OUTBOX_DELAY_S = 0.002    # accounting messages (SENT, COUNT, FSHED) are written this
                           # long after the first one queued: one write per ~2 ms instead
                           # of one per loop pass (each wakes the device's control thread)
@@ -169,12 +173,53 @@ class _WriteBuffer:
       self.on_flushed(len(messages))
 
 
+class _RingWriter:
+  """The INFER messages of one event-loop pass, written into the request ring
+  (`coltrain.serve.ring`) together at the end of the pass; the device's doorbell (a byte
+  on the data link) is rung only if its reader waits. Messages that do not fit wait, in
+  order, and are retried every RING_RETRY_S. `on_flushed(n)` is called after n messages
+  were written (or dropped: the device process is gone)."""
+
+  def __init__(self, loop: asyncio.AbstractEventLoop, ring: FrameRing, link: _Link,
+               on_flushed):
+    self.loop, self.ring, self.link, self.on_flushed = loop, ring, link, on_flushed
+    self._messages: list[bytes] = []
+    self._scheduled = False
+
+  def add(self, message: bytes) -> None:
+    if not self._scheduled:
+      self._scheduled = True
+      self.loop.call_soon(self.flush)
+    self._messages.append(message)
+
+  def flush(self) -> None:
+    self._scheduled = False
+    messages = self._messages
+    if not messages:
+      return
+    transport = self.link.transport
+    if transport is None:   # the device process is gone: nobody reads the ring
+      self._messages = []
+      self.on_flushed(len(messages))
+      return
+    n = self.ring.put(messages)
+    if n:
+      if self.ring.consumer_waiting():
+        transport.write(b"\0")
+      self._messages = messages[n:]
+      self.on_flushed(n)
+    if self._messages:   # the ring is full: the device is behind
+      self._scheduled = True
+      self.loop.call_later(RING_RETRY_S, self.flush)
+
+
 class FrontEnd:
   """The request handler (see module docstring). Two links to the device process: the
   data link carries inference requests and their results, the control link everything
   else (forwarded calls, accounting, the SLO)."""
 
-  def __init__(self, loop: asyncio.AbstractEventLoop, shared: Optional[mmap.mmap] = None):
+  def __init__(self, loop: asyncio.AbstractEventLoop, shared: Optional[mmap.mmap] = None,
+               ring: Optional[FrameRing] = None):
     self.loop = loop
     self.backlog = LoopBacklog(loop)
     self.shared = shared
@@ -187,10 +232,12 @@ class FrontEnd:
     self._waiting: dict[int, _Waiting] = {}
     self._next_key = 0
     # accounting (SENT / COUNT / FSHED) on the control link, every OUTBOX_DELAY_S; the
-    # requests (INFER) on the data link, at the end of each event-loop pass
+    # requests (INFER) into the request ring (else on the data link), at the end of
+    # each event-loop pass
     self._accounting = _WriteBuffer(loop, self.control, OUTBOX_DELAY_S)
-    self._requests = _WriteBuffer(loop, self.data, 0.0,
-                                  on_flushed=lambda n: self.receiving(-n))
+    flushed = lambda n: self.receiving(-n)  # noqa: E731
+    self._requests = (_RingWriter(loop, ring, self.data, flushed) if ring is not None else
+                      _WriteBuffer(loop, self.data, 0.0, on_flushed=flushed))
 
   # -- the device links ------------------------------------------------------------------
   def link_lost(self) -> None:
@@ -220,8 +267,9 @@ class FrontEnd:
     self._accounting.add(message)
 
   def _send_request(self, message: bytes) -> bool:
-    """Queues an INFER message on the data link; the requests parsed in one pass of
-    the event loop are written together once its callbacks are done (one write, one
+    """Queues an INFER message for the device (the request ring, else the data link);
+    the requests parsed in one pass of the event loop are written together once its
+    callbacks are done (one write, one
     wake-up of the device's thread, which then admits them all before it decides).
     A queued request stays counted as incoming until it is written, so the device
     starts no training chunk meanwhile. False if the link is gone."""
@@ -356,9 +404,9 @@ class FrontEnd:
 
 
 async def _serve(listener: socket.socket, control: socket.socket, data: socket.socket,
-                 shared: Optional[mmap.mmap]) -> None:
+                 shared: Optional[mmap.mmap], ring: Optional[FrameRing] = None) -> None:
   loop = asyncio.get_running_loop()
-  fe = FrontEnd(loop, shared)
+  fe = FrontEnd(loop, shared, ring)
   await loop.connect_accepted_socket(lambda: fe.control, control)
   await loop.connect_accepted_socket(lambda: fe.data, data)
   await fe.hello
@@ -380,6 +428,7 @@ def main(argv=None) -> int:
   p.add_argument("--ipc_fd", type=int, required=True, help="the control link")
   p.add_argument("--data_fd", type=int, required=True, help="the data link")
   p.add_argument("--shared_fd", type=int, default=-1)
+  p.add_argument("--ring_fd", type=int, default=-1, help="the request ring's memfd")
   a = p.parse_args(argv)
   signal.signal(signal.SIGINT, signal.SIG_IGN)   # the device process decides when to stop
   _die_with_parent()
@@ -387,11 +436,12 @@ def main(argv=None) -> int:
   control = socket.socket(fileno=a.ipc_fd)
   data = socket.socket(fileno=a.data_fd)
   shared = mmap.mmap(a.shared_fd, mmap.PAGESIZE) if a.shared_fd >= 0 else None
+  ring = FrameRing.attach(a.ring_fd) if a.ring_fd >= 0 else None
   try:
     import uvloop
-    uvloop.run(_serve(listener, control, data, shared))
+    uvloop.run(_serve(listener, control, data, shared, ring))
   except ImportError:
-    asyncio.run(_serve(listener, control, data, shared))
+    asyncio.run(_serve(listener, control, data, shared, ring))
   return 0
 
 

@@ -113,7 +113,7 @@ class Server:
     self.batch1_http_s: Optional[float] = None
     self._router = Router(self.schedulers, self.metrics, CALIBRATION_SLO_S,
                           s.margin_ms / 1e3, s.shed_holdoff_ms / 1e3, s.overload_headroom)
-    self._http = FrontEndProcess(self, s.host, s.port)
+    self._http = FrontEndProcess(self, s.host, s.port, use_ring=s.request_ring)
     self.port = self._http.port
     self.url = f"http://{s.host}:{self.port}"
     self._set_slo(s.slo_ms / 1e3 if s.slo_ms > 0 else CALIBRATION_SLO_S)

@@ -1,4 +1,5 @@
-"""The messages between the front-end process and the device process (one stream socket).
+"""The messages between the front-end process and the device process (stream sockets;
+the INFER messages through `coltrain.serve.ring` where it is used).
 
 Every message is a frame: u32 length of the rest, u8 kind, then the kind's fields,
 little-endian. Images and logits travel as raw float32 (row-major); everything small is
@@ -117,6 +118,11 @@ class Reader:
 def infer(key: int, arrival: float, deadline_ms: Optional[float], images: np.ndarray) -> bytes:
   x = np.ascontiguousarray(images, np.float32)
   return frame(INFER, _INFER.pack(key, arrival, deadline_ms or 0.0, x.shape[0]), x.tobytes())
+
+
+def infer_bytes(n: int, image_shape: tuple[int, ...]) -> int:
+  """The size of an INFER frame of n images of `image_shape` (bytes)."""
+  return _FRAME.size + _INFER.size + 4 * n * int(np.prod(image_shape))
 
 
 def read_infer(p: bytes, image_shape: tuple[int, ...]):

@@ -4,14 +4,15 @@
       [--rounds 3] [--repo NAME=PATH ...] [--cpu N] [--out bench_request_path.json]
 
 With one replica, `launch.serve`'s scheduler thread is the emulated device: besides its
-batches it receives and admits every request (`FrontEndProcess.pump`: the data link's
-INFER messages, `Router.submit`) and answers it (`DeviceScheduler._run_inference` after
+batches it receives and admits every request (`FrontEndProcess.pump`: the INFER
+messages from the request ring, or the data link, `Router.submit`) and answers it (`DeviceScheduler._run_inference` after
 the device call: metrics, timing estimates, results encoded and written to the front
 end). On this CPU emulation that work takes the cycles training would harvest. This
 benchmark builds the default server (`configs/serve.py`, SLO 10 ms, training active,
 not started: no HTTP), replaces its front end by a socket pair and its model by a stub
 that returns logits at once, and per round and batch size k times `--iterations`
-passes of: k INFER messages written to the data link, one `pump` (the time counted as
+passes of: k INFER messages put in the request ring (where the server uses one; else
+written to the data link), one `pump` (the time counted as
 **admit**), then the batch taken and run (**results**: `_run_inference` with the stub,
 the results written; the reader drains them). It reports microseconds per request
 (median over rounds), and as the baseline of the same run the real model's device time
@@ -89,6 +90,13 @@ def measure(sizes: list[int], iterations: int) -> dict:
   sch._ident = threading.get_ident()
   real = sch.predictor
   image = np.random.default_rng(0).random((1,) + real.image_shape, np.float32)
+  producer = None
+  if getattr(bridge, "use_ring", False):   # the request ring (older checkouts: the socket)
+    from coltrain.serve.ring import FrameRing, capacity_for
+    producer, fd = FrameRing.create(
+        capacity_for(wire.infer_bytes(real.max_batch, real.image_shape)))
+    bridge._ring = FrameRing.attach(fd)
+    os.close(fd)
   out = {}
   for k in sizes:
     if k > real.max_batch:
@@ -103,7 +111,11 @@ def measure(sizes: list[int], iterations: int) -> dict:
     admit = results = 0.0
     for it in range(iterations + 100):      # the first 100: warm-up
       now = clock()
-      theirs.sendall(b"".join(wire.infer(i, now, None, image) for i in range(k)))
+      messages = [wire.infer(i, now, None, image) for i in range(k)]
+      if producer is not None:
+        producer.put(messages)
+      else:
+        theirs.sendall(b"".join(messages))
       t0 = clock()
       bridge.pump(0.0)
       t1 = clock()

@@ -52,3 +52,22 @@ def run_train_cli(args, timeout=300, **kw):
   """Runs `python -m launch.train ARGS` in the repo; returns the CompletedProcess."""
   return subprocess.run([sys.executable, "-m", "launch.train", *args], cwd=REPO,
                         capture_output=True, text=True, timeout=timeout, **kw)
+
+
+class RecordingTransport:
+  """An asyncio transport stand-in that keeps what is written (`writes`, one bytes per
+  call)."""
+
+  def __init__(self):
+    self.writes = []
+
+  def write(self, data):
+    self.writes.append(bytes(data))
+
+
+def shared_page():
+  """(memfd, its one-page mmap): a stand-in for the front end's shared counter page."""
+  import mmap
+  fd = os.memfd_create("test-incoming", 0)
+  os.ftruncate(fd, mmap.PAGESIZE)
+  return fd, mmap.mmap(fd, mmap.PAGESIZE)

@@ -4,7 +4,6 @@ in one write (holding them as incoming until then) and its accounting messages g
 before any forwarded call."""
 
 import asyncio
-import mmap
 import os
 import socket
 import types
@@ -17,6 +16,7 @@ from coltrain.serve.bridge import FrontEndProcess
 from coltrain.serve.frontend import OUTBOX_DELAY_S, FrontEnd
 from coltrain.serve.metrics import ServeMetrics, parse_metrics
 from coltrain.serve.scheduler import Pending
+from tests.conftest import RecordingTransport, shared_page
 
 pytestmark = pytest.mark.serial   # wall-clock timing: runs alone (pyproject's `serial`)
 
@@ -69,22 +69,12 @@ def test_results_are_buffered_until_the_batch_is_done_then_sent_in_one_write():
       os.close(fd)
 
 
-class _Transport:
-  def __init__(self):
-    self.writes = []
-
-  def write(self, data):
-    self.writes.append(bytes(data))
-
-
 def test_front_end_writes_a_loop_pass_of_requests_at_once_and_accounting_first():
   async def main():
     loop = asyncio.get_running_loop()
-    fd = os.memfd_create("test-incoming", 0)
-    os.ftruncate(fd, mmap.PAGESIZE)
-    page = mmap.mmap(fd, mmap.PAGESIZE)
+    fd, page = shared_page()
     fe = FrontEnd(loop, page)
-    fe.data.transport, fe.control.transport = _Transport(), _Transport()
+    fe.data.transport, fe.control.transport = RecordingTransport(), RecordingTransport()
     images = np.ones((1, 2, 2, 1), np.float32)
     assert fe._send_request(wire.infer(1, 0.5, None, images))
     assert fe._send_request(wire.infer(2, 0.6, 20.0, images))

@@ -21,6 +21,7 @@ from coltrain.serve import wire
 from coltrain.serve.bridge import FrontEndProcess
 from coltrain.serve.frontend import RING_RETRY_S, FrontEnd
 from coltrain.serve.ring import HEADER_BYTES, FrameRing
+from tests.conftest import RecordingTransport, shared_page
 
 pytestmark = pytest.mark.skipif(not ring_mod.SUPPORTED,
                                 reason="the ring needs x86's memory order; the socket "
@@ -133,23 +134,13 @@ def test_frames_cross_processes_through_the_shared_mapping():
   assert [p for _, p in got] == [i.to_bytes(4, "little") * (1 + i % 40) for i in range(3000)]
 
 
-class _Transport:
-  def __init__(self):
-    self.writes = []
-
-  def write(self, data):
-    self.writes.append(bytes(data))
-
-
 def test_front_end_puts_a_loop_pass_in_the_ring_and_rings_only_a_waiting_reader():
   async def main():
     loop = asyncio.get_running_loop()
-    fd = os.memfd_create("test-incoming", 0)
-    os.ftruncate(fd, mmap.PAGESIZE)
-    page = mmap.mmap(fd, mmap.PAGESIZE)
+    fd, page = shared_page()
     producer, device = _pair(mmap.PAGESIZE)
     fe = FrontEnd(loop, page, producer)
-    fe.data.transport = _Transport()
+    fe.data.transport = RecordingTransport()
     images = np.ones((1, 2, 2, 1), np.float32)
     assert fe._send_request(wire.infer(1, 0.5, None, images))
     assert fe._send_request(wire.infer(2, 0.6, 20.0, images))

@@ -215,8 +215,9 @@ class _RingWriter:
 
 class FrontEnd:
   """The request handler (see module docstring). Two links to the device process: the
-  data link carries inference requests and their results, the control link everything
-  else (forwarded calls, accounting, the SLO)."""
+  data link carries the inference results (and the requests, without a request ring;
+  with one, the doorbell), the control link everything else (forwarded calls,
+  accounting, the SLO)."""
 
   def __init__(self, loop: asyncio.AbstractEventLoop, shared: Optional[mmap.mmap] = None,
                ring: Optional[FrameRing] = None):

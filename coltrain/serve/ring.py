@@ -36,7 +36,7 @@ import os
 import platform
 import struct
 import threading
-from typing import Optional, Sequence
+from typing import Sequence
 
 from coltrain.serve import wire
 

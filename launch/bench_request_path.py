@@ -5,9 +5,9 @@
 
 With one replica, `launch.serve`'s scheduler thread is the emulated device: besides its
 batches it receives and admits every request (`FrontEndProcess.pump`: the INFER
-messages from the request ring, or the data link, `Router.submit`) and answers it (`DeviceScheduler._run_inference` after
-the device call: metrics, timing estimates, results encoded and written to the front
-end). On this CPU emulation that work takes the cycles training would harvest. This
+messages from the request ring, or the data link, `Router.submit`) and answers it
+(`DeviceScheduler._run_inference` after the device call: metrics, timing estimates,
+results encoded and written to the front end). On this CPU emulation that work takes the cycles training would harvest. This
 benchmark builds the default server (`configs/serve.py`, SLO 10 ms, training active,
 not started: no HTTP), replaces its front end by a socket pair and its model by a stub
 that returns logits at once, and per round and batch size k times `--iterations`

@@ -7,13 +7,13 @@ With one replica, `launch.serve`'s scheduler thread is the emulated device: besi
 batches it receives and admits every request (`FrontEndProcess.pump`: the INFER
 messages from the request ring, or the data link, `Router.submit`) and answers it
 (`DeviceScheduler._run_inference` after the device call: metrics, timing estimates,
-results encoded and written to the front end). On this CPU emulation that work takes the cycles training would harvest. This
-benchmark builds the default server (`configs/serve.py`, SLO 10 ms, training active,
-not started: no HTTP), replaces its front end by a socket pair and its model by a stub
-that returns logits at once, and per round and batch size k times `--iterations`
-passes of: k INFER messages put in the request ring (where the server uses one; else
-written to the data link), one `pump` (the time counted as
-**admit**), then the batch taken and run (**results**: `_run_inference` with the stub,
+results encoded and written to the front end). On this CPU emulation that work takes
+the cycles training would harvest. This benchmark builds the default server
+(`configs/serve.py`, SLO 10 ms, training active, not started: no HTTP), replaces its
+front end by a socket pair (and a request ring where the server uses one) and its model
+by a stub that returns logits at once, and per round and batch size k times
+`--iterations` passes of: k INFER messages put in the ring (else written to the data
+link), one `pump` (the time counted as **admit**), then the batch taken and run (**results**: `_run_inference` with the stub,
 the results written; the reader drains them). It reports microseconds per request
 (median over rounds), and as the baseline of the same run the real model's device time
 per image in a batch of k (the batch's predict call / k): **overhead** = (admit +

@@ -1,5 +1,6 @@
 """Shared test fixtures: one TFDS data dir per session, small fast configs."""
 
+import mmap
 import os
 import subprocess
 import sys
@@ -67,7 +68,6 @@ class RecordingTransport:
 
 def shared_page():
   """(memfd, its one-page mmap): a stand-in for the front end's shared counter page."""
-  import mmap
   fd = os.memfd_create("test-incoming", 0)
   os.ftruncate(fd, mmap.PAGESIZE)
   return fd, mmap.mmap(fd, mmap.PAGESIZE)

@@ -82,6 +82,13 @@ def test_a_frame_that_does_not_fit_before_the_end_starts_the_next_lap():
   fourth = _frame(4, 1)
   assert producer.put([fourth]) == 1 and consumer.read() == [(wire.COUNT, fourth[5:])]
   assert producer._head == 2 * cap + 6
+  filler = _frame(7, cap // 2 - 6 - 5)         # to the middle of the lap
+  assert producer.put([filler]) == 1 and len(consumer.read()) == 1
+  exact = _frame(5, cap // 2 - 5)              # ends exactly at the end of the lap,
+  after = _frame(6, 3)                         # the next starts the next lap: one read
+  assert producer.put([exact, after]) == 2
+  assert consumer.read() == [(wire.COUNT, exact[5:]), (wire.COUNT, after[5:])]
+  assert producer._head == consumer._tail == 3 * cap + 8
 
 
 def test_a_full_ring_takes_nothing_more_and_a_frame_larger_than_the_ring_is_refused():

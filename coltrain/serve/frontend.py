@@ -145,7 +145,9 @@ class _WriteBuffer:
   """Messages for one link, written together by `flush()`: scheduled `delay_s` after
   the first queued message, or at the end of the event-loop pass when `delay_s` is 0.
   `on_flushed(n)` is called after each flush of n messages (written, or dropped if the
-  link is gone)."""
+  link is gone). `_deliver` writes them; one that takes only some (`_RingWriter`)
+  leaves the rest queued, in order, for a retry `delay_s` (at least RING_RETRY_S)
+  later."""
 
   def __init__(self, loop: asyncio.AbstractEventLoop, link: _Link, delay_s: float,
                on_flushed=None):
@@ -161,56 +163,40 @@ class _WriteBuffer:
         self.loop.call_soon(self.flush)
     self._messages.append(message)
 
+  def _deliver(self, transport, messages: list[bytes]) -> int:
+    """Writes `messages` on the link; returns how many were taken."""
+    transport.write(b"".join(messages))
+    return len(messages)
+
   def flush(self) -> None:
     messages = self._messages
     if not messages:
       return
     transport = self.link.transport
-    if transport is not None:
-      transport.write(b"".join(messages))
-    self._messages = []
-    if self.on_flushed is not None:
-      self.on_flushed(len(messages))
+    n = len(messages) if transport is None else self._deliver(transport, messages)
+    self._messages = messages[n:]
+    if n and self.on_flushed is not None:
+      self.on_flushed(n)
+    if self._messages:   # not all taken: retried later, before anything added since
+      self.loop.call_later(max(self.delay_s, RING_RETRY_S), self.flush)
 
 
-class _RingWriter:
+class _RingWriter(_WriteBuffer):
   """The INFER messages of one event-loop pass, written into the request ring
   (`coltrain.serve.ring`) together at the end of the pass; the device's doorbell (a byte
-  on the data link) is rung only if its reader waits. Messages that do not fit wait, in
-  order, and are retried every RING_RETRY_S. `on_flushed(n)` is called after n messages
-  were written (or dropped: the device process is gone)."""
+  on the data link) is rung only if its reader waits. Messages that do not fit (the
+  device is behind) wait, in order, and are retried every RING_RETRY_S."""
 
   def __init__(self, loop: asyncio.AbstractEventLoop, ring: FrameRing, link: _Link,
                on_flushed):
-    self.loop, self.ring, self.link, self.on_flushed = loop, ring, link, on_flushed
-    self._messages: list[bytes] = []
-    self._scheduled = False
+    super().__init__(loop, link, 0.0, on_flushed)
+    self.ring = ring
 
-  def add(self, message: bytes) -> None:
-    if not self._scheduled:
-      self._scheduled = True
-      self.loop.call_soon(self.flush)
-    self._messages.append(message)
-
-  def flush(self) -> None:
-    self._scheduled = False
-    messages = self._messages
-    if not messages:
-      return
-    transport = self.link.transport
-    if transport is None:   # the device process is gone: nobody reads the ring
-      self._messages = []
-      self.on_flushed(len(messages))
-      return
+  def _deliver(self, transport, messages: list[bytes]) -> int:
     n = self.ring.put(messages)
-    if n:
-      if self.ring.consumer_waiting():
-        transport.write(b"\0")
-      self._messages = messages[n:]
-      self.on_flushed(n)
-    if self._messages:   # the ring is full: the device is behind
-      self._scheduled = True
-      self.loop.call_later(RING_RETRY_S, self.flush)
+    if n and self.ring.consumer_waiting():
+      transport.write(b"\0")
+    return n
 
 
 class FrontEnd:

@@ -148,19 +148,15 @@ class FrameRing:
     head = _U64.unpack_from(buf, _HEAD)[0]
     if head == tail:
       return []
-    view = self._view
     out = []
-    frame = wire._FRAME
-    while tail < head:
+    while tail < head:   # each pass: the frames up to `head` or to this lap's end
       off = tail % cap
-      room = cap - off
-      if room < 4 or (size := _U32.unpack_from(buf, HEADER_BYTES + off)[0]) == 0:
-        tail += room   # a wrap: the next frame starts the next lap
-        continue
-      start = HEADER_BYTES + off
-      kind = frame.unpack_from(buf, start)[1]
-      out.append((kind, bytes(view[start + 5:start + 4 + size])))
-      tail += 4 + size
+      end = min(cap, off + head - tail)
+      frames, stop = wire.split_frames(self._view, HEADER_BYTES + off, HEADER_BYTES + end)
+      out += frames
+      tail += stop - HEADER_BYTES - off
+      if tail < head and tail % cap:   # a wrap (marker, or under 4 bytes left)
+        tail += cap - tail % cap
     self._tail = tail
     _U64.pack_into(buf, _TAIL, tail)
     return out

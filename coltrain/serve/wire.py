@@ -99,19 +99,25 @@ class Reader:
     """The messages completed by `data` (a partial one waits for the rest)."""
     buf = self._buf
     buf += data
-    off = 0
-    end = len(buf)
-    out = []
     with memoryview(buf) as view:   # one copy per payload (slicing `buf` copied twice)
-      while end - off >= 5:
-        size, kind = _FRAME.unpack_from(buf, off)
-        if end - off - 4 < size:
-          break
-        out.append((kind, bytes(view[off + 5:off + 4 + size])))
-        off += 4 + size
+      out, off = split_frames(view, 0, len(buf))
     if off:
       del buf[:off]
     return out
+
+
+def split_frames(view: memoryview, off: int, end: int) -> tuple[list[tuple[int, bytes]], int]:
+  """The whole frames in `view[off:end]` as (kind, payload bytes) (one copy each), and
+  the offset after the last: it stops at a partial frame or at a length of 0 (no frame
+  has one; `coltrain.serve.ring` marks a wrap with it)."""
+  out = []
+  while end - off >= 5:
+    size, kind = _FRAME.unpack_from(view, off)
+    if size == 0 or end - off - 4 < size:
+      break
+    out.append((kind, bytes(view[off + 5:off + 4 + size])))
+    off += 4 + size
+  return out, off
 
 
 # -- front end -> device -----------------------------------------------------------------

@@ -56,6 +56,8 @@ def test_missing_serve_keys_take_defaults():
     (dict(chunk_steps=0), "chunk_steps"),
     (dict(chunk_overrun=1.5), "chunk_overrun"),
     (dict(chunk_overrun=-0.1), "chunk_overrun"),
+    (dict(train_queue_delay_cap=1.5), "train_queue_delay_cap"),
+    (dict(train_queue_delay_cap=-0.1), "train_queue_delay_cap"),
     (dict(publish_every=0), "publish_every"),
     (dict(max_queue_delay_ms=-0.5), "max_queue_delay_ms"),
     (dict(slo_msec=3.0), "did you mean 'serve.slo_ms'"),

@@ -14,7 +14,7 @@ from coltrain.serve.buckets import (bucket_for, buckets_up_to, parse_buckets,
                                     quarter_octave_buckets)
 from coltrain.serve.model import Weights
 from coltrain.serve.router import Router, Shed
-from coltrain.serve.scheduler import DeviceScheduler, Pending, clock
+from coltrain.serve.scheduler import RATE_TAU_S, DeviceScheduler, Pending, clock
 from coltrain.serve.timing import OnlineTimer
 
 pytestmark = pytest.mark.serial   # wall-clock timing: runs alone (pyproject's `serial`)
@@ -596,6 +596,52 @@ def test_with_training_a_batch_forms_during_chunks_that_start_within_the_delay()
     s.submit(pending(1, deadline=batch + (c + 0.01 if room_for_chunk else c / 2)))
     with s._cv:
       assert (s._chunk_while_batch_forms(clock()) is not None) == room_for_chunk
+
+
+def test_with_training_the_batching_wait_grows_with_the_inference_load():
+  delay, slo, cap = 0.05, 0.5, 0.3
+  s, _ = make_sched(delay=delay, slo=slo, max_batch=1024, trainer=FakeTrainer([]))
+  s.train_queue_delay_cap = cap
+  now = clock()
+  assert s.inference_busy(now) == 0.0 and s.batching_wait(now) == delay   # idle device
+  # max_queue_delay / (1 - U), at most cap x SLO
+  for busy, wait in ((0.25, delay / 0.75), (0.5, 2 * delay), (0.6, 2.5 * delay),
+                     (0.7, cap * slo), (0.95, cap * slo), (1.0, cap * slo)):
+    s._busy, s._busy_t = busy, now
+    assert s.batching_wait(now) == pytest.approx(wait), busy
+  s._busy, s._busy_t = 0.5, now - RATE_TAU_S      # the estimate decays: U = 0.5 / e
+  assert s.batching_wait(now) == pytest.approx(delay / (1 - 0.5 / np.e))
+  s._busy, s._busy_t = 0.5, now
+  # admission's prediction and the chunks while a batch forms count the longer wait
+  _chunk_first_after(s, 100)
+  s.timer.update("chunk", 0.0001)
+  oldest, c = s._queue[0].arrival, s.timer.predict("chunk")
+  assert s.expected_completion(1, now) - s.batch_time(101) == pytest.approx(
+      oldest + 2 * delay + c, abs=1e-6)
+  with s._cv:
+    assert s._chunk_while_batch_forms(oldest + 1.5 * delay) == c     # past max_queue_delay
+    assert s._chunk_while_batch_forms(oldest + 2 * delay) is None
+  # the short wait: training off, the cap 0, or a cap below max_queue_delay
+  s.trainer.enabled = False
+  assert s.batching_wait(now) == delay
+  s.trainer.enabled = True
+  for c in (0.0, 0.05):   # (0.05 x SLO < max_queue_delay)
+    s.train_queue_delay_cap = c
+    assert s.batching_wait(now) == delay
+
+
+def test_the_inference_busy_estimate_counts_each_batchs_device_time():
+  class SlowPredictor(FakePredictor):
+    def __call__(self, weights, images):
+      time.sleep(0.005)
+      return super().__call__(weights, images)
+  s, _ = make_sched(predictor=SlowPredictor())
+  s.submit(pending(1))
+  t0 = clock()
+  s._run_inference(s._take_batch())
+  busy = s.inference_busy(clock())
+  assert 0.005 / RATE_TAU_S * 0.9 < busy <= (clock() - t0) / RATE_TAU_S
+  assert s.inference_busy(clock() + RATE_TAU_S) == pytest.approx(busy / np.e, rel=1e-3)
 
 
 def test_a_request_on_its_way_holds_training_only_if_it_would_run_at_once():

@@ -50,8 +50,12 @@ SERVE_DEFAULTS: dict[str, Any] = {
     "chunk_steps": 1,           # micro-batches per training chunk (between decisions)
     "max_chunk_ms": 0.0,        # cap on the predicted chunk time (0: only the SLO slack)
     "chunk_overrun": 1.0,       # with training on, a chunk may run while a batch forms
-                                #   if it starts within max_queue_delay and ends at
+                                #   if it starts within the batching wait and ends at
                                 #   most this many chunk times past it (0..1)
+    "train_queue_delay_cap": 0.3,  # with training on, the batching wait grows with the
+                                #   device's load: max_queue_delay_ms / (1 - U), U its
+                                #   recent inference busy fraction, up to this fraction
+                                #   of the SLO (0: max_queue_delay_ms, as with training off)
     "publish_every": 10,        # publish new weights every K optimizer steps
     "request_ring": True,       # requests reach the device process through shared
                                 #   memory (x86-64; elsewhere, or false: the socket)
@@ -138,6 +142,8 @@ def validate_serve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
   need(s["chunk_steps"] >= 1, f"'serve.chunk_steps' must be >= 1, got {s['chunk_steps']}")
   need(0 <= s["chunk_overrun"] <= 1,
        f"'serve.chunk_overrun' must be in [0, 1], got {s['chunk_overrun']}")
+  need(0 <= s["train_queue_delay_cap"] <= 1,
+       f"'serve.train_queue_delay_cap' must be in [0, 1], got {s['train_queue_delay_cap']}")
   need(s["max_chunk_ms"] >= 0, f"'serve.max_chunk_ms' must be >= 0, got {s['max_chunk_ms']}")
   need(s["publish_every"] >= 1,
        f"'serve.publish_every' must be >= 1, got {s['publish_every']}")

@@ -6,13 +6,15 @@
    requests, at most `max_batch` images) and runs it (padded to its bucket,
    `serve.batch_buckets`) on the current weights. A batch that is not full waits for
    more requests only if they arrive faster than one per `max_queue_delay` (measured
-   rate), the oldest request has waited less than `max_queue_delay` and the earliest
-   deadline still leaves room for the predicted batch time. With training off the device idles
-   meanwhile; with training active it runs training chunks meanwhile, each only if a
-   chunk may run at all (see 2: no recent shed, the input ready), it starts before the
-   oldest request has waited `max_queue_delay`, ends at most `chunk_overrun` chunk
-   times after that, and leaves room for the batch before the earliest deadline, else
-   the batch runs at once (the device never idles for a batch to fill).
+   rate), the oldest request has waited less than the batching wait (`batching_wait`:
+   `max_queue_delay`, with training active longer as the load rises) and the earliest
+   deadline still leaves room for the predicted batch time. With training off the
+   device idles meanwhile; with training active it runs training chunks meanwhile, each
+   only if a chunk may run at all (see 2: no recent shed, the input ready), it starts
+   before the oldest request has waited the batching wait, ends at most
+   `chunk_overrun` chunk times after that, and leaves room for the batch before the
+   earliest deadline, else the batch runs at once (the device never idles for a batch
+   to fill).
 2. **Training in the slack.** With nothing queued, no request being received that
    would run at once (at a rate where its batch would form during chunks anyway,
    training goes on) and no request refused by admission control in the last
@@ -120,7 +122,8 @@ class DeviceScheduler:
   def __init__(self, index: int, predictor: Predictor, weights: Weights, *, slo_s: float,
                max_queue_delay_s: float, margin_s: float, max_queue: int,
                metrics: ServeMetrics, trainer: Optional[ChunkTrainer] = None,
-               max_chunk_s: float = 0.0, chunk_overrun: float = 1.0):
+               max_chunk_s: float = 0.0, chunk_overrun: float = 1.0,
+               train_queue_delay_cap: float = 0.0):
     self.index = index
     self.predictor = predictor
     self.max_batch = predictor.max_batch
@@ -133,6 +136,7 @@ class DeviceScheduler:
     self.trainer = trainer
     self.max_chunk_s = max_chunk_s
     self.chunk_overrun = chunk_overrun
+    self.train_queue_delay_cap = train_queue_delay_cap
     self.timer = OnlineTimer()
     self._bucket_cache: Optional[tuple[int, dict[int, float]]] = None
     self._bucket_of = (0,) + tuple(predictor.bucket_for(n)     # n images -> bucket
@@ -148,6 +152,7 @@ class DeviceScheduler:
     self._cv = threading.Condition(self._lock)
     self._busy_until = 0.0
     self._rate, self._rate_t = 0.0, clock()
+    self._busy, self._busy_t = 0.0, clock()
     self._stopped = False
     self._thread: Optional[threading.Thread] = None
     self._on_thread_start: Optional[Callable[[], None]] = None
@@ -267,6 +272,29 @@ class DeviceScheduler:
     """Images/s arriving here (exponentially decaying estimate)."""
     return self._rate * math.exp(-(now - self._rate_t) / RATE_TAU_S)
 
+  def inference_busy(self, now: float) -> float:
+    """The recent fraction of time this device spent in inference batches (their
+    device calls; exponentially decaying estimate, time constant RATE_TAU_S)."""
+    return self._busy * math.exp(-(now - self._busy_t) / RATE_TAU_S)
+
+  def batching_wait(self, now: float) -> float:
+    """The longest a batch that is not full forms, counted from its oldest request's
+    arrival (seconds). With training off (the device idles meanwhile) and with
+    `train_queue_delay_cap` 0 it is `max_queue_delay`. With training active the device
+    trains meanwhile, and the wait grows with the load: `max_queue_delay` / (1 - U),
+    U the recent inference busy fraction (`inference_busy`), at most
+    `train_queue_delay_cap` x the SLO (never less than `max_queue_delay`). Each batch
+    interrupts training at a cost that does not depend on its size (the serving work
+    of a batch, the next chunk's slower start), and the higher the load, the larger the
+    share of the slack those interruptions take; a longer wait makes batches fewer and
+    larger. At low load, where they cost little, requests keep the short wait."""
+    d = self.max_queue_delay_s
+    cap = self.train_queue_delay_cap * self.slo_s
+    if cap > d and self._training_active():
+      idle = 1.0 - self.inference_busy(now)
+      d = cap if idle * cap <= d else d / idle
+    return d
+
   def expected_completion(self, n: int, now: float) -> float:
     """When n more images submitted now would be done (predicted): when their batch
     starts (`_batch_start`) plus the queued images' and these n's batch time."""
@@ -280,7 +308,7 @@ class DeviceScheduler:
     device is free (current work, a training chunk included), or, if the batch would
     not be full and this scheduler waits for a fuller one (`_waits_for_batches`), when
     the oldest queued request (else a request arriving now) has waited
-    `max_queue_delay`, whichever is later. With training active it waits only while a
+    `batching_wait`, whichever is later. With training active it waits only while a
     training chunk can run meanwhile (`_chunk_while_batch_forms`): the last chunk starts
     before that point and ends at most `chunk_overrun` chunk times after it; if none
     can (paused, input not ready, the device busy until then, or a chunk starting now
@@ -320,7 +348,7 @@ class DeviceScheduler:
       return True
     if self.max_chunk_s and c > self.max_chunk_s:
       return False
-    expect = 1 + int(self.arrival_rate(now) * (c + self.max_queue_delay_s))
+    expect = 1 + int(self.arrival_rate(now) * (c + self.batching_wait(now)))
     batch = self.batch_time(min(expect, self.max_batch))
     return c + batch + self.margin_s <= self.slo_s
 
@@ -343,18 +371,18 @@ class DeviceScheduler:
     within the delay (at low load a lone request runs at once instead of waiting
     `max_queue_delay`). With training off the device then idles for it (`_batch_wait`);
     with training active it trains meanwhile, in chunks that start before the oldest
-    request has waited `max_queue_delay` (`_chunk_while_batch_forms`), and runs the
+    request has waited `batching_wait` (`_chunk_while_batch_forms`), and runs the
     batch at once when no chunk can. Called with the lock held."""
     return self.arrival_rate(now) * self.max_queue_delay_s >= 1.0
 
   def _fill_deadline(self, images: int, now: float) -> Optional[float]:
     """If a batch of `images` (the queued ones included) is not full and this scheduler
     waits for a fuller one (`_waits_for_batches`): the latest time it runs, once the
-    oldest queued request (else a request arriving now) has waited `max_queue_delay`.
+    oldest queued request (else a request arriving now) has waited `batching_wait`.
     Else None: it runs when the device is free. Called with the lock held."""
     if images >= self.max_batch or not self._waits_for_batches(now):
       return None
-    return (self._queue[0].arrival if self._queue else now) + self.max_queue_delay_s
+    return (self._queue[0].arrival if self._queue else now) + self.batching_wait(now)
 
   def _batch_wait(self, now: float) -> float:
     """Seconds to idle for a fuller batch (<= 0: run now; never idle with training
@@ -390,9 +418,9 @@ class DeviceScheduler:
     off) instead of running a batch for every chunk's worth of arrivals. A chunk runs
     only if the batch is not full, more requests are likely within the delay
     (`_waits_for_batches`), a chunk may run (`_chunk_time_if_trainable`), it starts
-    before the oldest queued request has waited `max_queue_delay` and ends at most
-    `chunk_overrun` chunk times after that (0: within the delay; 1: whenever it
-    starts within it: the batch then starts up to one chunk after the delay, and
+    before the oldest queued request has waited `batching_wait` and ends at most
+    `chunk_overrun` chunk times after that (0: within the wait; 1: whenever it
+    starts within it: the batch then starts up to one chunk after the wait, and
     batches are fewer and larger, which costs the device less per request), and the
     earliest deadline leaves room for the chunk, the batch that will have formed by
     then (the queued images plus the measured arrival rate's) and the margin. Called
@@ -547,6 +575,8 @@ class DeviceScheduler:
       self.timer.relax(buckets[turn], self._relax_per_turn)
     m = self.metrics
     self._busy_metric.inc(dt)
+    self._busy = self.inference_busy(t1) + dt / RATE_TAU_S
+    self._busy_t = t1
     m.compute_seconds.observe(dt)
     m.batch_images.observe(n)
     waits = [t0 - p.arrival for p in batch]

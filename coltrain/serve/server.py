@@ -105,7 +105,8 @@ class Server:
           max_queue_delay_s=s.max_queue_delay_ms / 1e3, margin_s=s.margin_ms / 1e3,
           max_queue=s.max_queue, metrics=self.metrics,
           trainer=self.trainer if r == s.train_replica else None,
-          max_chunk_s=s.max_chunk_ms / 1e3, chunk_overrun=s.chunk_overrun))
+          max_chunk_s=s.max_chunk_ms / 1e3, chunk_overrun=s.chunk_overrun,
+          train_queue_delay_cap=s.train_queue_delay_cap))
     for sch in self.schedulers:
       self.metrics.track_thread_seconds(sch.index, sch.thread_seconds, THREAD_ACTIVITIES)
     self.warmup_seconds = [sch.warmup() for sch in self.schedulers]

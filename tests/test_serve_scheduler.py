@@ -612,6 +612,11 @@ def test_with_training_the_batching_wait_grows_with_the_inference_load():
   s._busy, s._busy_t = 0.5, now - RATE_TAU_S      # the estimate decays: U = 0.5 / e
   assert s.batching_wait(now) == pytest.approx(delay / (1 - 0.5 / np.e))
   s._busy, s._busy_t = 0.5, now
+  metrics = ServeMetrics()        # /metrics shows both, read at the scrape
+  metrics.track_batching(0, lambda: s.batching_wait(now), lambda: s.inference_busy(now))
+  got = parse_metrics(metrics.render().decode())
+  assert got['coltrain_batching_wait_seconds{replica="0"}'] == pytest.approx(2 * delay)
+  assert got['coltrain_inference_busy_fraction{replica="0"}'] == pytest.approx(0.5)
   # admission's prediction and the chunks while a batch forms count the longer wait
   _chunk_first_after(s, 100)
   s.timer.update("chunk", 0.0001)

@@ -189,6 +189,10 @@ def test_metrics_expose_requests_batches_queue_and_training(server):
   assert m["coltrain_slo_seconds"] == pytest.approx(server.slo_s)
   assert 'coltrain_inference_busy_seconds_total{replica="0"}' in m
   assert "coltrain_train_chunks_total" in m
+  sch = server.schedulers[0]   # the batching wait: at least max_queue_delay, at most the cap
+  assert (sch.max_queue_delay_s <= m['coltrain_batching_wait_seconds{replica="0"}']
+          <= max(sch.max_queue_delay_s, sch.train_queue_delay_cap * server.slo_s))
+  assert 0.0 < m['coltrain_inference_busy_fraction{replica="0"}'] < 1.0
 
 
 def test_training_can_be_paused_and_resumed(server):

@@ -18,6 +18,10 @@ Exposed at `/metrics` in the Prometheus text format. Names (all prefixed `coltra
                                   scheduler thread by activity
                                   (`THREAD_ACTIVITIES`); the
                                   activities' rates sum to 1 while the thread runs
+  batching_wait_seconds{replica}, inference_busy_fraction{replica}   gauges read at each
+                                  scrape: the longest a forming batch waits now (with
+                                  training on it grows with the load) and the recent
+                                  inference busy fraction it follows
 """
 
 from __future__ import annotations
@@ -112,6 +116,13 @@ class ServeMetrics:
     (read at each scrape; the scheduler thread adds to it) for `activities[i]`."""
     self.registry.register(_ThreadSecondsCollector(replica, seconds, activities))
 
+  def track_batching(self, replica: int, wait_s: Callable[[], float],
+                      busy: Callable[[], float]) -> None:
+    """Exposes `coltrain_batching_wait_seconds{replica}` and
+    `coltrain_inference_busy_fraction{replica}`, read from `wait_s()` and `busy()` at
+    each scrape (`DeviceScheduler.batching_wait`, `.inference_busy`)."""
+    self.registry.register(_BatchingCollector(replica, wait_s, busy))
+
   def render(self) -> bytes:
     return prom.generate_latest(self.registry)
 
@@ -182,6 +193,21 @@ class _ThreadSecondsCollector:
     for name, value in zip(self._activities, list(self._seconds)):
       m.add_metric([self._replica, name], value)
     yield m
+
+
+class _BatchingCollector:
+  def __init__(self, replica: int, wait_s: Callable[[], float], busy: Callable[[], float]):
+    self._replica, self._wait_s, self._busy = str(replica), wait_s, busy
+
+  def collect(self):
+    for name, doc, fn in (
+        ("coltrain_batching_wait_seconds", "The longest a forming batch waits now",
+         self._wait_s),
+        ("coltrain_inference_busy_fraction", "Recent fraction of time in inference batches",
+         self._busy)):
+      m = GaugeMetricFamily(name, doc, labels=["replica"])
+      m.add_metric([self._replica], fn())
+      yield m
 
 
 def parse_metrics(text: str) -> dict[str, float]:

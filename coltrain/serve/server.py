@@ -38,6 +38,7 @@ from coltrain.serve.metrics import ServeMetrics
 from coltrain.serve.model import Predictor, Weights
 from coltrain.serve.router import Router
 from coltrain.serve.scheduler import THREAD_ACTIVITIES, DeviceScheduler
+from coltrain.serve.timing import clock
 from coltrain.serve.trainer import ChunkTrainer
 from coltrain.train.loop import resolve_numerics
 from coltrain.train.optim import make_optimizer
@@ -109,6 +110,8 @@ class Server:
           train_queue_delay_cap=s.train_queue_delay_cap))
     for sch in self.schedulers:
       self.metrics.track_thread_seconds(sch.index, sch.thread_seconds, THREAD_ACTIVITIES)
+      self.metrics.track_batching(sch.index, lambda s=sch: s.batching_wait(clock()),
+                                  lambda s=sch: s.inference_busy(clock()))
     self.warmup_seconds = [sch.warmup() for sch in self.schedulers]
     self.batch1_device_s = float(np.median([w[1] for w in self.warmup_seconds]))
     self.batch1_http_s: Optional[float] = None

@@ -630,8 +630,8 @@ def test_with_training_the_batching_wait_grows_with_the_inference_load():
   s.trainer.enabled = False
   assert s.batching_wait(now) == delay
   s.trainer.enabled = True
-  for c in (0.0, 0.05):   # (0.05 x SLO < max_queue_delay)
-    s.train_queue_delay_cap = c
+  for frac in (0.0, 0.05):   # (0.05 x SLO < max_queue_delay)
+    s.train_queue_delay_cap = frac
     assert s.batching_wait(now) == delay
 
 

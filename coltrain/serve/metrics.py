@@ -95,6 +95,12 @@ class ServeMetrics:
                                  registry=r)
     self.slo_seconds = prom.Gauge("coltrain_slo_seconds", "The latency objective",
                                   registry=r)
+    self.batching_wait = prom.Gauge("coltrain_batching_wait_seconds",
+                                    "The longest a forming batch waits now", ["replica"],
+                                    registry=r)
+    self.inference_busy_fraction = prom.Gauge(
+        "coltrain_inference_busy_fraction", "Recent fraction of time in inference batches",
+        ["replica"], registry=r)
     self._responses: dict[int, prom.Counter] = {}
 
   def count_response(self, code: int, n: int = 1) -> None:
@@ -121,7 +127,8 @@ class ServeMetrics:
     """Exposes `coltrain_batching_wait_seconds{replica}` and
     `coltrain_inference_busy_fraction{replica}`, read from `wait_s()` and `busy()` at
     each scrape (`DeviceScheduler.batching_wait`, `.inference_busy`)."""
-    self.registry.register(_BatchingCollector(replica, wait_s, busy))
+    self.batching_wait.labels(replica=str(replica)).set_function(wait_s)
+    self.inference_busy_fraction.labels(replica=str(replica)).set_function(busy)
 
   def render(self) -> bytes:
     return prom.generate_latest(self.registry)
@@ -193,21 +200,6 @@ class _ThreadSecondsCollector:
     for name, value in zip(self._activities, list(self._seconds)):
       m.add_metric([self._replica, name], value)
     yield m
-
-
-class _BatchingCollector:
-  def __init__(self, replica: int, wait_s: Callable[[], float], busy: Callable[[], float]):
-    self._replica, self._wait_s, self._busy = str(replica), wait_s, busy
-
-  def collect(self):
-    for name, doc, fn in (
-        ("coltrain_batching_wait_seconds", "The longest a forming batch waits now",
-         self._wait_s),
-        ("coltrain_inference_busy_fraction", "Recent fraction of time in inference batches",
-         self._busy)):
-      m = GaugeMetricFamily(name, doc, labels=["replica"])
-      m.add_metric([self._replica], fn())
-      yield m
 
 
 def parse_metrics(text: str) -> dict[str, float]:

@@ -143,6 +143,9 @@ def main(argv: Optional[list[str]] = None) -> int:
   p.add_argument("--rounds", type=int, default=3)
   p.add_argument("--seconds", type=float, default=6.0, help="seconds per B, A and D")
   p.add_argument("--device_cpus", default="auto", help="as launch.colocate_bench")
+  p.add_argument("--generator_priority", default="auto",
+                 choices=("auto", "loadgen", "server", "none"),
+                 help="as launch.colocate_bench")
   p.add_argument("--out", required=True)
   a = p.parse_args(argv)
   try:
@@ -162,12 +165,17 @@ def main(argv: Optional[list[str]] = None) -> int:
       p.error(f"--repo {name}={path}: no launch/serve.py there")
 
   device_cpus, host_cpus = cb.split_cpus(a.device_cpus)
+  try:
+    priority = cb.generator_priority(a.generator_priority)
+  except ValueError as e:
+    p.error(str(e))
   work = tempfile.mkdtemp(prefix="colocate_ab_")
   images = os.path.join(work, "mnist_test.npz")
   cb.write_images(images)
   lg = ["--model", "lenet", "--images", images, "--binary"]
   if device_cpus:
     lg += ["--cpus", ",".join(map(str, sorted(host_cpus)))]
+  lg += cb.priority_args(priority)
   servers: dict[str, cb.ServeProcess] = {}
   rows: list[dict] = []
   t_begin = time.time()
@@ -177,7 +185,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                                        "--config.serve.model_name=lenet",
                                        f"--config.serve.device_cpus={device_cpus}",
                                        *variant_overrides(spec)],
-                          repo=repos.get(name, cb.REPO))
+                          repo=repos.get(name, cb.REPO), nice=priority["server_nice"])
       servers[name] = s
       s.wait_ready()
       s.training(False)
@@ -196,7 +204,8 @@ def main(argv: Optional[list[str]] = None) -> int:
   summary = summarize(rows)
   result = {"variants": variants, "repos": repos, "slo_ms": a.slo_ms, "rates": rates,
             "rounds": a.rounds, "seconds": a.seconds, "device_cpus": device_cpus,
-            "wall_s": round(time.time() - t_begin, 1), "rows": rows, "summary": summary}
+            "priority": priority, "wall_s": round(time.time() - t_begin, 1), "rows": rows,
+            "summary": summary}
   os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
   with open(a.out, "w") as f:
     json.dump(result, f, indent=1)

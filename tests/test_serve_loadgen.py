@@ -363,6 +363,57 @@ def test_cpus_pins_the_process():
     os.sched_setaffinity(0, before)
 
 
+def test_nice_runs_the_generator_at_that_niceness_and_the_summary_records_it():
+  import subprocess, sys
+  want = min(os.getpriority(os.PRIO_PROCESS, 0) + 3, 19)   # lowering priority: always allowed
+  with _serving(_Fast) as (url, _):
+    out = subprocess.run([sys.executable, "-m", "launch.loadgen", "--url", url, "--mode",
+                          "sequential", "--requests", "2", "--nice", str(want)],
+                         cwd=colocate_bench.REPO, capture_output=True, text=True, timeout=60)
+  assert out.returncode == 0, out.stderr
+  summary = json.loads(out.stdout.strip().splitlines()[-1])
+  assert summary["niceness"] == want and summary["codes"] == {"200": 2}
+
+
+def test_a_refused_or_impossible_niceness_is_a_clear_error(monkeypatch, capsys):
+  with pytest.raises(ValueError, match="-20..19"):
+    loadgen.set_niceness(20)
+
+  def refuse(*_):
+    raise PermissionError(1, "Operation not permitted")
+
+  monkeypatch.setattr(os, "setpriority", refuse)
+  with pytest.raises(ValueError, match="not permitted .* needs root, CAP_SYS_NICE"):
+    loadgen.set_niceness(-10)
+  with pytest.raises(SystemExit):
+    loadgen.main(["--url", "http://127.0.0.1:1", "--mode", "sequential", "--nice", "-10"])
+  assert "--nice -10: not permitted" in capsys.readouterr().err
+
+
+def test_generator_priority_puts_the_generators_ahead_of_the_servers():
+  base = os.getpriority(os.PRIO_PROCESS, 0)
+  steps = colocate_bench.PRIORITY_STEPS
+  gp = colocate_bench.generator_priority
+  ahead = gp("auto", permitted=lambda: True)
+  assert ahead == {"mode": "loadgen", "loadgen_nice": max(base - steps, -20),
+                   "server_nice": None}
+  assert colocate_bench.priority_args(ahead) == ["--nice", str(max(base - steps, -20))]
+  behind = gp("auto", permitted=lambda: False)    # without the privilege: the servers yield
+  assert behind == {"mode": "server", "loadgen_nice": None,
+                    "server_nice": min(base + steps, 19)}
+  assert colocate_bench.priority_args(behind) == []
+  assert gp("server", permitted=lambda: True) == behind
+  assert gp("none", permitted=lambda: True) == {"mode": "none", "loadgen_nice": None,
+                                                "server_nice": None}
+  with pytest.raises(ValueError, match="may not raise"):
+    gp("loadgen", permitted=lambda: False)
+  with pytest.raises(ValueError, match="must be auto"):
+    gp("fast", permitted=lambda: True)
+  assert colocate_bench.may_raise_priority(0)     # the same niceness: always allowed
+  if os.geteuid() == 0:
+    assert colocate_bench.may_raise_priority()
+
+
 def _point(cfg, rho, p99, train, busy=0.2, att=1.0, device_busy=None):
   return {"config": cfg, "rho": rho, "arrival": "poisson", "slo_attainment": att,
           "latency_ms": {"p99": p99}, "train_samples_per_s": train,

@@ -28,7 +28,8 @@ def served(tfds_dir, tmp_path_factory):
     s = ServeProcess("S", work, [
         "--config.model=mlp", "--config.batch_size=16", "--config.serve.replicas=2",
         "--config.serve.micro_batch_size=8", "--config.serve.publish_every=2",
-        "--config.serve.max_batch_size=8", "--config.serve.model_name=lenet"], timeout=240)
+        "--config.serve.max_batch_size=8", "--config.serve.model_name=lenet"], timeout=240,
+        nice=min(os.getpriority(os.PRIO_PROCESS, 0) + 1, 19))
   finally:
     os.environ.clear()
     os.environ.update(old)
@@ -39,6 +40,27 @@ def served(tfds_dir, tmp_path_factory):
     if s.proc.poll() is None:
       s.proc.kill()   # SIGKILL on teardown; the shutdown test stops it gracefully first
       s.proc.wait(30)
+
+
+def _children(pid: int) -> list[int]:
+  out = []
+  for d in os.listdir("/proc"):
+    if d.isdigit():
+      try:
+        with open(f"/proc/{d}/stat") as f:
+          if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+            out.append(int(d))
+      except (OSError, IndexError, ValueError):
+        pass
+  return out
+
+
+def test_the_server_and_its_front_end_run_at_the_niceness_they_were_started_at(served):
+  want = min(os.getpriority(os.PRIO_PROCESS, 0) + 1, 19)
+  assert os.getpriority(os.PRIO_PROCESS, served.proc.pid) == want
+  kids = _children(served.proc.pid)
+  assert kids, "the front end process is the server's child"
+  assert all(os.getpriority(os.PRIO_PROCESS, k) == want for k in kids)
 
 
 def test_open_loop_load_is_served_by_both_replicas_while_versions_advance(served):

@@ -105,17 +105,24 @@ class ServeProcess:
 
   def __init__(self, name: str, workdir: str, overrides: list[str], timeout: float = 300,
                repo: str = REPO, nice: Optional[int] = None):
-    """`nice`: start it (and so its front end) at this niceness (None: inherit)."""
+    """`nice`: start it (and so its front end) at this niceness, at least this
+    process's (None: inherit; through coreutils' `nice`, which execs the server: a
+    `preexec_fn` is unsafe in a process with threads)."""
     self.name = name
     port_file = os.path.join(workdir, f"{name}.port")
     self.log_path = os.path.join(workdir, f"{name}.log")
+    prefix = []
+    if nice is not None:
+      step = nice - os.getpriority(os.PRIO_PROCESS, 0)
+      if step < 0:
+        raise ValueError(f"a server can start at niceness {nice} only from a process at "
+                         f"{nice} or below")
+      prefix = ["nice", "-n", str(step)]
     self._log = open(self.log_path, "w")
     self.proc = subprocess.Popen(
-        [sys.executable, "-m", "launch.serve", "--config", "configs/serve.py",
+        [*prefix, sys.executable, "-m", "launch.serve", "--config", "configs/serve.py",
          f"--port_file={port_file}", *overrides],
-        cwd=repo, stdout=self._log, stderr=subprocess.STDOUT,
-        preexec_fn=None if nice is None else (
-            lambda: os.setpriority(os.PRIO_PROCESS, 0, nice)))
+        cwd=repo, stdout=self._log, stderr=subprocess.STDOUT)
     self.port_file = port_file
     self.timeout = timeout
     self.url: Optional[str] = None
@@ -191,10 +198,11 @@ def generator_priority(mode: str, permitted: Callable[[], bool] = may_raise_prio
   base = os.getpriority(os.PRIO_PROCESS, 0)
   if mode == "auto":
     mode = "loadgen" if permitted() else "server"
-  if mode == "loadgen":
+  elif mode == "loadgen":
     if not permitted():
       raise ValueError("--generator_priority loadgen: this user may not raise a process's "
                        "priority (needs root, CAP_SYS_NICE or RLIMIT_NICE); use 'server'")
+  if mode == "loadgen":
     return {"mode": mode, "loadgen_nice": max(base - PRIORITY_STEPS, -20),
             "server_nice": None}
   if mode == "server":

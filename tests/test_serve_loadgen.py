@@ -4,6 +4,8 @@ import contextlib
 import json
 import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -364,7 +366,6 @@ def test_cpus_pins_the_process():
 
 
 def test_nice_runs_the_generator_at_that_niceness_and_the_summary_records_it():
-  import subprocess, sys
   want = min(os.getpriority(os.PRIO_PROCESS, 0) + 3, 19)   # lowering priority: always allowed
   with _serving(_Fast) as (url, _):
     out = subprocess.run([sys.executable, "-m", "launch.loadgen", "--url", url, "--mode",
@@ -412,6 +413,14 @@ def test_generator_priority_puts_the_generators_ahead_of_the_servers():
   assert colocate_bench.may_raise_priority(0)     # the same niceness: always allowed
   if os.geteuid() == 0:
     assert colocate_bench.may_raise_priority()
+  line = colocate_bench.priority_line   # results.md's first line says which was used
+  assert line({"conditions": {"priority": ahead}}) == \
+      f"; load generators at niceness {max(base - steps, -20)}"
+  assert line({"conditions": {"priority": behind}}) == \
+      f"; servers at niceness {min(base + steps, 19)}"
+  assert line({"conditions": {}}) == ""       # a run from before the option
+  with pytest.raises(ValueError, match="only from a process at"):
+    colocate_bench.ServeProcess("x", "/nonexistent", [], nice=base - 1)
 
 
 def _point(cfg, rho, p99, train, busy=0.2, att=1.0, device_busy=None):

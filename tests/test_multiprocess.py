@@ -113,9 +113,11 @@ def train_cmd(args, workdir):
   return [sys.executable, "-m", "launch.train", *args, "--workdir", str(workdir)]
 
 
-def mp_cmd(processes, devices, args, workdir):
+def mp_cmd(processes, devices, args, workdir, heartbeat_timeout=None):
+  hb = [] if heartbeat_timeout is None else ["--heartbeat_timeout", str(heartbeat_timeout)]
   return [sys.executable, "-m", "launch.multiprocess", "--processes", str(processes),
-          "--devices_per_process", str(devices), "--", *args, "--workdir", str(workdir)]
+          "--devices_per_process", str(devices), *hb, "--", *args, "--workdir",
+          str(workdir)]
 
 
 def summary(workdir):
@@ -137,7 +139,12 @@ def run_single(procs, args, workdir, devices=8, timeout=300):
 
 
 def run_mp(procs, processes, devices, args, workdir, timeout=300):
-  pr = procs(mp_cmd(processes, devices, args, workdir), f"{workdir}.log")
+  """A run that must complete: up to 4 processes x 2 devices on the 2 cores, so a
+  process may go unscheduled for seconds; the launcher's 10 s
+  heartbeat timeout (kept by the tests that kill a peer) once declared a live process
+  dead at step 21 of 30 in CI. 30 s, the library's default, rules that out."""
+  pr = procs(mp_cmd(processes, devices, args, workdir, heartbeat_timeout=30),
+             f"{workdir}.log")
   assert pr.wait(timeout) == 0, pr.excerpt()
   return summary(workdir), pr.log()
 

@@ -30,11 +30,6 @@ from launch.bench_frontend import _cpu_seconds
 from launch.colocate_bench import ServeProcess, run_loadgen, split_cpus, write_images
 
 
-def _children(pid: int) -> list[int]:
-  with open(f"/proc/{pid}/task/{pid}/children") as f:
-    return [int(x) for x in f.read().split()]
-
-
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--rounds", type=int, default=3)
@@ -53,7 +48,7 @@ def main(argv=None) -> int:
   runs = {"json": [], "binary": []}
   try:
     server.wait_ready()
-    front_end = _children(server.proc.pid)[0]
+    front_end = server.child_pids()[0]
     common = ["--model", "lenet", "--images", images, "--mode", "open",
               "--rate", str(a.rate), "--duration", str(a.duration)]
     if device_cpus:

@@ -139,6 +139,18 @@ class ServeProcess:
     self.url = f"http://127.0.0.1:{open(self.port_file).read().strip()}"
     return self
 
+  def child_pids(self) -> list[int]:
+    """The server's child processes (its HTTP front end), from every thread's
+    `/proc/PID/task/TID/children` (Linux)."""
+    pid, out = self.proc.pid, []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+      try:
+        with open(f"/proc/{pid}/task/{tid}/children") as f:
+          out += [int(x) for x in f.read().split()]
+      except FileNotFoundError:   # the thread ended meanwhile
+        pass
+    return out
+
   def get(self, path: str) -> bytes:
     with urllib.request.urlopen(self.url + path, timeout=30) as r:
       return r.read()

@@ -42,23 +42,10 @@ def served(tfds_dir, tmp_path_factory):
       s.proc.wait(30)
 
 
-def _children(pid: int) -> list[int]:
-  out = []
-  for d in os.listdir("/proc"):
-    if d.isdigit():
-      try:
-        with open(f"/proc/{d}/stat") as f:
-          if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
-            out.append(int(d))
-      except (OSError, IndexError, ValueError):
-        pass
-  return out
-
-
 def test_the_server_and_its_front_end_run_at_the_niceness_they_were_started_at(served):
   want = min(os.getpriority(os.PRIO_PROCESS, 0) + 1, 19)
   assert os.getpriority(os.PRIO_PROCESS, served.proc.pid) == want
-  kids = _children(served.proc.pid)
+  kids = served.child_pids()
   assert kids, "the front end process is the server's child"
   assert all(os.getpriority(os.PRIO_PROCESS, k) == want for k in kids)
 

@@ -16,6 +16,7 @@ from coltrain.serve.bridge import FrontEndProcess
 from coltrain.serve.frontend import OUTBOX_DELAY_S, FrontEnd
 from coltrain.serve.metrics import ServeMetrics, parse_metrics
 from coltrain.serve.scheduler import Pending
+from coltrain.serve.timing import clock
 from tests.conftest import RecordingTransport, shared_page
 
 pytestmark = pytest.mark.serial   # wall-clock timing: runs alone (pyproject's `serial`)
@@ -34,6 +35,8 @@ def test_results_are_buffered_until_the_batch_is_done_then_sent_in_one_write():
                   on_done=lambda p, key=key: fe._finished(key, p))
       p.result = {"logits": np.full((1, 3), key, np.float32), "version": 4, "queue_ms": 0.5,
                   "compute_ms": 0.25, "replica": 0, "batch_size": 2}
+      if key == 7:
+        p.predicted = 12.5          # admission's prediction travels with the result
       p.finish()
     failed = Pending(images=np.zeros((1, 2, 2, 1), np.float32), arrival=0.0, deadline=1.0,
                      on_done=lambda p: fe._finished(9, p))
@@ -50,6 +53,7 @@ def test_results_are_buffered_until_the_batch_is_done_then_sent_in_one_write():
     assert [kind for kind, _ in frames] == [wire.RESULT] * 3
     assert [(key, code) for key, code, _ in results] == [(7, 200), (8, 200), (9, 500)]
     np.testing.assert_array_equal(results[1][2]["logits"], np.full((1, 3), 8, np.float32))
+    assert results[0][2]["predicted"] == 12.5 and np.isnan(results[1][2]["predicted"])
     assert results[2][2] == "inference failed: boom"
     m = parse_metrics(app.metrics.render().decode())
     assert m['coltrain_requests_total{code="200"}'] == 2
@@ -127,3 +131,30 @@ def test_reader_recv_reassembles_messages_split_across_reads_and_reports_end_of_
     assert reader.recv(mine) is None
   finally:
     mine.close()
+
+
+def test_front_end_reports_how_late_each_response_was_against_the_prediction():
+  async def main():
+    loop = asyncio.get_running_loop()
+    fe = FrontEnd(loop)
+    fe.data.transport, fe.control.transport = RecordingTransport(), RecordingTransport()
+    fe.info = {"model_name": "m", "image_shape": (2, 2, 1), "max_batch": 4, "slo_s": 1.0}
+    logits = np.zeros((1, 3), np.float32)
+    now = clock()
+    for predicted in (now - 0.020, float("nan")):
+      key, w = fe._wait("r", now - 0.030, 60.0)
+      payload = wire.Reader().feed(wire.result_ok(
+          key, {"logits": logits, "version": 1, "queue_ms": 0.1, "compute_ms": 0.2,
+                "replica": 0, "batch_size": 1}, now - 0.025, predicted))[0][1]
+      fe._result(*wire.read_result(payload))
+    fe._accounting.flush()
+    sent = [wire.read_sent(p) for _, p in wire.Reader().feed(
+        b"".join(fe.control.transport.writes))]
+    after = clock()
+    (delay, latency, late), (_, _, unknown) = sent
+    assert 0.025 <= delay <= after - now + 0.025
+    assert 0.030 <= latency <= after - now + 0.030
+    assert 0.020 <= late <= after - now + 0.020   # sent 20 ms after the prediction
+    assert np.isnan(unknown)
+
+  asyncio.run(main())

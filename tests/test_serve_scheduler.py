@@ -15,7 +15,7 @@ from coltrain.serve.buckets import (bucket_for, buckets_up_to, parse_buckets,
 from coltrain.serve.model import Weights
 from coltrain.serve.router import Router, Shed
 from coltrain.serve.scheduler import RATE_TAU_S, DeviceScheduler, Pending, clock
-from coltrain.serve.timing import OnlineTimer
+from coltrain.serve.timing import OnlineTimer, RecentQuantile
 
 pytestmark = pytest.mark.serial   # wall-clock timing: runs alone (pyproject's `serial`)
 
@@ -879,3 +879,75 @@ def test_unsampled_buckets_relax_one_per_batch_at_the_per_batch_rate():
   assert s.timer.mean(8) == pytest.approx(floor + (mean8 - floor) * kept, rel=1e-12)
   assert s.timer.count(1) == 1 + rounds * len(pred.buckets)   # sampled every batch
   assert pred.sizes == [1] * (rounds * len(pred.buckets))
+
+
+def test_recent_quantile_is_the_quantile_of_the_last_window_values():
+  q = RecentQuantile(0.99, window=256, every=16, min_count=32, default=-1.0)
+  rng = np.random.default_rng(0)
+  xs = rng.exponential(1.0, 1000)
+  for i, x in enumerate(xs[:31]):
+    q.add(x)
+  assert q.value == -1.0                      # fewer than min_count: the default
+  q.add(xs[31])                               # the 32nd: computed at once
+  assert q.value == np.quantile(xs[:32], 0.99)
+  for x in xs[32:1000]:
+    q.add(x)
+  # recomputed at the 992nd value (every 16), over the 256 before it
+  assert q.count == 1000 and q.value == np.quantile(xs[992 - 256:992], 0.99)
+  for x in np.full(256, 5.0):                 # the old values leave the window
+    q.add(x)
+  assert q.value == 5.0
+  for bad in ({"q": 0.0}, {"q": 1.0}, {"q": 0.5, "window": 0},
+              {"q": 0.5, "window": 8, "min_count": 9}, {"q": 0.5, "every": 0}):
+    with pytest.raises(ValueError):
+      RecentQuantile(**bad)
+
+
+def test_overloaded_admission_keeps_in_reserve_how_late_responses_were_against_predictions():
+  from coltrain.serve.router import HEADROOM_FULL_FRACTION, RESPONSE_TAU_S
+  s, _ = make_sched(slo=0.05, max_queue=10_000, infer_s=lambda b: 0.001)
+  router = Router([s], ServeMetrics(), slo_s=0.05, margin_s=0.002, late_quantile=0.99)
+  off = Router([s], ServeMetrics(), slo_s=0.05, margin_s=0.002)
+  assert router.late_reserve_s() == 0.0      # nothing learned yet
+  s._busy_until = clock() + 0.010            # busy for 10 ms: not idle
+  before = clock()
+  p = router.submit(np.zeros((1,) + SHAPE, np.float32))
+  # the prediction admission made travels with the request: the device's completion
+  # (10 ms busy + this batch, conservatively) and no response delay learned yet
+  assert before + 0.010 < p.predicted < clock() + 0.015
+  late = np.random.default_rng(1).uniform(0.0, 0.010, 2048)  # up to 10 ms late
+  for x in late:
+    router.completed(0.0005, late=float(x))
+    off.completed(0.0005, late=float(x))
+    router.completed(0.0005, late=float("nan"))  # not predicted: not learned
+  reserve = np.quantile(late, 0.99)
+  assert router.late_reserve_s(router._late_t) == pytest.approx(reserve)
+  assert off.late_reserve_s() == 0.0
+  deadline = clock() + 0.05
+  # nothing shed: no headroom, the reserve included
+  assert router.admission_target(deadline, 0.05) == pytest.approx(deadline - 0.002)
+  s._busy_until = clock() + 60.0             # a device that finishes nothing: overload
+  for r in (router, off):
+    for _ in range(200):
+      with pytest.raises(Shed):
+        r.submit(np.zeros((1,) + SHAPE, np.float32))
+    assert r.recent_shed_fraction() > HEADROOM_FULL_FRACTION
+  s._queue.clear()
+  s._queued_images = 0
+  now = router._late_t
+  assert router.admission_target(deadline, 0.05, now) == pytest.approx(
+      deadline - 0.002 - reserve)
+  assert off.admission_target(deadline, 0.05) == pytest.approx(deadline - 0.002)
+  # a request predicted to be done ~12 ms from now of its 50 ms: admitted by the
+  # margin alone, refused with the reserve when it came 35 ms late
+  arrival = clock() - 0.035
+  s._busy_until = clock() + 0.010
+  off.submit(np.zeros((1,) + SHAPE, np.float32), arrival=arrival)
+  s._busy_until = clock() + 0.010
+  with pytest.raises(Shed):
+    router.submit(np.zeros((1,) + SHAPE, np.float32), arrival=arrival)
+  # nothing served since: the reserve fades
+  assert router.late_reserve_s(now + 5 * RESPONSE_TAU_S) < 0.01 * reserve
+  for x in np.full(2048, -0.001):            # responses earlier than predicted:
+    router.completed(0.0005, late=float(x))  # no reserve (never a negative one)
+  assert router.late_reserve_s(router._late_t) == 0.0

@@ -195,6 +195,32 @@ def test_metrics_expose_requests_batches_queue_and_training(server):
   assert 0.0 < m['coltrain_inference_busy_fraction{replica="0"}'] < 1.0
 
 
+def test_admission_learns_how_late_responses_were_against_its_predictions(server):
+  late = server._router._late          # on by default (serve.late_quantile 0.99)
+  before = late.count
+  conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+  try:
+    for i in range(70):                # the front end reports each one (SENT)
+      conn.request("POST", "/v2/models/digits/infer", infer_body(1))
+      r = conn.getresponse()
+      assert r.status == 200, r.read()
+      r.read()
+  finally:
+    conn.close()
+  deadline = time.time() + 10
+  while late.count < before + 70 and time.time() < deadline:
+    time.sleep(0.01)                   # accounting goes out within a few ms
+  assert late.count >= before + 70
+  values = late._values[:min(late.count, late.window)]
+  # both processes read one clock: sequential requests are sent about when admission
+  # predicted (a conservative prediction: mostly early), never seconds off
+  assert np.isfinite(values).all() and np.median(np.abs(values)) < 0.05
+  m = parse_metrics(call(server, "GET", "/metrics")[1])
+  assert m["coltrain_admission_late_reserve_seconds"] == pytest.approx(
+      server._router.late_reserve_s(), abs=0.005)
+  assert m["coltrain_admission_headroom_seconds"] >= 0.0
+
+
 def test_training_can_be_paused_and_resumed(server):
   code, st, _ = call(server, "POST", "/coltrain/training", b'{"enabled": false}')
   assert code == 200 and st["enabled"] is False and st["active"] is False

@@ -424,7 +424,7 @@ class FrontEndProcess:
     """A scheduler thread finished `p`: its result is buffered, and sent with the
     rest of its batch by `flush_results` (the scheduler's `results_done`)."""
     if p.error is None:
-      message, error = wire.result_ok(key, p.result, p.finished_at), 0
+      message, error = wire.result_ok(key, p.result, p.finished_at, p.predicted), 0
     else:
       message, error = wire.result_error(key, 500, p.error), 1
     with self._outbox_lock:
@@ -445,8 +445,8 @@ class FrontEndProcess:
     self._send_data(b"".join(messages))
 
   def _sent(self, payload: bytes) -> None:
-    delay, latency = wire.read_sent(payload)
-    self.app.router.completed(delay)
+    delay, latency, late = wire.read_sent(payload)
+    self.app.router.completed(delay, late=late)
     self.app.metrics.request_seconds.observe(latency)
 
   def set_slo(self, slo_s: float) -> None:

@@ -35,10 +35,13 @@ SERVE_DEFAULTS: dict[str, Any] = {
     "max_queue": 4096,          # queued requests per replica before shedding (hard cap)
     "margin_ms": 1.0,           # safety margin in deadline/slack predictions (HTTP, jitter)
     "shed_holdoff_ms": 250.0,   # training pause after a shed, x min(1, shed fraction / 5%)
-    "overload_headroom": 0.3,   # fraction of the deadline budget admission keeps in
-                                #   reserve when overloaded (none under 5% recent sheds,
+    "late_quantile": 0.99,      # when overloaded, admission keeps in reserve this
+                                #   quantile of how much later than predicted recent
+                                #   responses were sent (none under 5% recent sheds,
                                 #   all of it from 25%): admitted requests finish with
-                                #   slack for what predictions cannot see
+                                #   slack for what predictions cannot see (0 = off)
+    "overload_headroom": 0.0,   # and this fraction of the deadline budget more (the
+                                #   same ramp)
     "replicas": 1,              # scheduler threads, one per (simulated) device
     "init_from": "",            # a launch.train workdir (or its checkpoints/): serve and
                                 #   keep training its latest checkpoint (weights,
@@ -127,6 +130,8 @@ def validate_serve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
        f"'serve.shed_holdoff_ms' must be >= 0, got {s['shed_holdoff_ms']}")
   need(0 <= s["overload_headroom"] < 1,
        f"'serve.overload_headroom' must be in [0, 1), got {s['overload_headroom']}")
+  need(0 <= s["late_quantile"] < 1,
+       f"'serve.late_quantile' must be in [0, 1) (0 = off), got {s['late_quantile']}")
   need(s["replicas"] >= 1, f"'serve.replicas' must be >= 1, got {s['replicas']}")
   need(0 <= s["train_replica"] < max(s["replicas"], 1),
        f"'serve.train_replica' must be in [0, replicas={s['replicas']}), "

@@ -322,7 +322,8 @@ class FrontEnd:
         self._answer(key, Response(200, body, "application/octet-stream",
                                    ((HEADER_LENGTH, str(json_length)),)))
       sent = clock()
-      self._post_later(wire.sent(sent - fields["finished_at"], sent - w.arrival))
+      self._post_later(wire.sent(sent - fields["finished_at"], sent - w.arrival,
+                                 sent - fields["predicted"]))
     elif code == 503:
       retry_after_s, message = fields
       self._answer(key, Response.error(

@@ -95,6 +95,13 @@ class ServeMetrics:
                                  registry=r)
     self.slo_seconds = prom.Gauge("coltrain_slo_seconds", "The latency objective",
                                   registry=r)
+    self.admission_headroom = prom.Gauge(
+        "coltrain_admission_headroom_seconds",
+        "Overload headroom admission keeps of a deadline of one SLO", registry=r)
+    self.admission_late_reserve = prom.Gauge(
+        "coltrain_admission_late_reserve_seconds",
+        "The late_quantile of how much later than predicted responses were sent",
+        registry=r)
     self.batching_wait = prom.Gauge("coltrain_batching_wait_seconds",
                                     "The longest a forming batch waits now", ["replica"],
                                     registry=r)
@@ -129,6 +136,15 @@ class ServeMetrics:
     each scrape (`DeviceScheduler.batching_wait`, `.inference_busy`)."""
     self.batching_wait.labels(replica=str(replica)).set_function(wait_s)
     self.inference_busy_fraction.labels(replica=str(replica)).set_function(busy)
+
+  def track_admission(self, headroom_s: Callable[[], float],
+                      late_reserve_s: Callable[[], float]) -> None:
+    """Exposes `coltrain_admission_headroom_seconds` (what admission now keeps of a
+    deadline of one SLO under overload: `Router.headroom_s`) and
+    `coltrain_admission_late_reserve_seconds` (`Router.late_reserve_s`), read at each
+    scrape."""
+    self.admission_headroom.set_function(headroom_s)
+    self.admission_late_reserve.set_function(late_reserve_s)
 
   def render(self) -> bytes:
     return prom.generate_latest(self.registry)

@@ -8,7 +8,9 @@ replica that finishes it first. Predictions add the measured response delay (how
 recent results waited for the front end to send them, which the device-side prediction
 cannot see and which grows when the front end is overloaded). If even that replica
 would miss the deadline (minus the safety margin, and under sustained shedding minus a
-headroom: `admission_target`), or every queue is at its cap, the request is shed:
+headroom: a fraction of the budget and a reserve for how late recent responses were
+against their predictions, `admission_target`), or every queue is at its cap, the
+request is shed:
 `Shed` carries the reason and a Retry-After hint, and the HTTP layer answers 503
 instead of letting the queue grow; and no replica starts a training chunk for a while
 (`_hold_training`: training must not take cycles while inference is refused). A
@@ -27,7 +29,7 @@ import numpy as np
 
 from coltrain.serve.metrics import ServeMetrics
 from coltrain.serve.scheduler import DeviceScheduler, Pending, clock
-from coltrain.serve.timing import OnlineTimer
+from coltrain.serve.timing import OnlineTimer, RecentQuantile
 
 
 RESPONSE_TAU_S = 0.5   # an unrefreshed response-delay estimate fades with this constant
@@ -51,7 +53,7 @@ class Router:
 
   def __init__(self, schedulers: Sequence[DeviceScheduler], metrics: ServeMetrics,
                slo_s: float, margin_s: float, shed_holdoff_s: float = 0.25,
-               overload_headroom: float = 0.0):
+               overload_headroom: float = 0.0, late_quantile: float = 0.0):
     if not schedulers:
       raise ValueError("a router needs at least one replica")
     self.schedulers = list(schedulers)
@@ -60,6 +62,9 @@ class Router:
     self.margin_s = margin_s
     self.shed_holdoff_s = shed_holdoff_s
     self.overload_headroom = overload_headroom
+    # how much later than predicted responses were sent: its `late_quantile` quantile
+    self._late = RecentQuantile(late_quantile) if late_quantile > 0 else None
+    self._late_t = clock()   # when the last one was learned
     self._lock = threading.Lock()
     # requests the front end is receiving (not yet submitted); set by the server
     self.incoming_source: Callable[[], int] = lambda: 0
@@ -89,7 +94,9 @@ class Router:
     return best, best_t
 
   def _check(self, best, best_t: float, now: float, arrival: float, deadline: float,
-             budget: float) -> None:
+             budget: float) -> float:
+    """Raises `Shed` unless the request is admitted; returns when its response is
+    predicted to be sent (the replica's completion + the response delay)."""
     if best is None:
       self.metrics.shed.labels(reason="queue_full").inc()
       self._count(now, shed=True)
@@ -100,7 +107,7 @@ class Router:
     # here (a front-end backlog): then the prediction is trusted.
     fresh = now - arrival < 0.5 * budget
     best_t += self.response_delay_s(now)
-    target = self.admission_target(deadline, budget)
+    target = self.admission_target(deadline, budget, now)
     if best_t > target and not (fresh and best.idle(now)):
       self.metrics.shed.labels(reason="deadline").inc()
       self._count(now, shed=True)
@@ -110,22 +117,47 @@ class Router:
                  f"overloaded: predicted completion in {1e3 * (best_t - arrival):.1f} ms "
                  f"misses the {1e3 * (target - arrival):.1f} ms admitted for the "
                  f"{1e3 * budget:.1f} ms deadline; retry later")
+    return best_t
 
-  def admission_target(self, deadline: float, budget: float) -> float:
+  def admission_target(self, deadline: float, budget: float,
+                       now: Optional[float] = None) -> float:
     """The latest predicted completion admitted for a request due at `deadline` with a
     `budget` (seconds): the deadline minus the safety margin, and under overload minus
-    up to `overload_headroom` x budget more: none while the recent shed fraction is
-    under HEADROOM_FROM_FRACTION (5 %), all of it from HEADROOM_FULL_FRACTION (25 %),
-    linear between. Overloaded, admission fills the queue up to its target, so every
-    admitted request finishes near it, and what the prediction cannot see then (a
-    saturated host: socket buffers before the front end reads, its event loop, the
-    client's own reading) carries the tail past the SLO; the headroom keeps that slack
-    for the requests already admitted. It starts only at 5 % shed: at high but
-    sustainable load a few tail sheds must not tighten admission (more sheds, a tighter
-    target: measured at rho = 0.7, starting at 0 % cost 1.3 points of SLO attainment)."""
+    a headroom: `overload_headroom` x budget plus `late_reserve_s` (how late recent
+    responses were against their predictions), none of it while the recent shed
+    fraction is under HEADROOM_FROM_FRACTION (5 %), all of it from
+    HEADROOM_FULL_FRACTION (25 %), linear between. Overloaded, admission fills the
+    queue up to its target, so every admitted request finishes near it, and what the
+    prediction cannot see then (a saturated host: socket buffers before the front end
+    reads, its event loop, the client's own reading) carries the tail past the SLO;
+    the headroom keeps that slack for the requests already admitted. It starts only at
+    5 % shed: at high but sustainable load a few tail sheds must not tighten admission
+    (more sheds, a tighter target: measured at rho = 0.7, starting at 0 % cost 1.3
+    points of SLO attainment)."""
+    return deadline - self.margin_s - self.headroom_s(budget, now)
+
+  def headroom_s(self, budget: float, now: Optional[float] = None) -> float:
+    """The overload headroom `admission_target` keeps now for a `budget` (seconds)."""
     frac = (self.recent_shed_fraction() - HEADROOM_FROM_FRACTION) / (
         HEADROOM_FULL_FRACTION - HEADROOM_FROM_FRACTION)
-    return deadline - self.margin_s - self.overload_headroom * budget * min(max(frac, 0.0), 1.0)
+    if frac <= 0.0:
+      return 0.0
+    return min(frac, 1.0) * (self.overload_headroom * budget + self.late_reserve_s(now))
+
+  def late_reserve_s(self, now: Optional[float] = None) -> float:
+    """The `late_quantile` quantile of how much later than admission predicted the
+    last 2,048 responses were sent (seconds, >= 0; 0 when off or before 64 were
+    seen). Overloaded, admission keeps it in reserve (`admission_target`): a request
+    predicted to complete by deadline - margin - reserve then misses its deadline with
+    probability about 1 - late_quantile, whatever the prediction did not see (the
+    front end's event loop, the host's other processes, a batch that ran long). Like
+    the response delay it fades with time constant `RESPONSE_TAU_S` while nothing is
+    served."""
+    if self._late is None:
+      return 0.0
+    now = clock() if now is None else now
+    fade = math.exp(-max(now - self._late_t, 0.0) / RESPONSE_TAU_S)
+    return max(self._late.value, 0.0) * fade
 
   def shed_unread(self) -> None:
     """The front end refused a request before reading it (its own backlog): counted
@@ -167,11 +199,17 @@ class Router:
     fade = math.exp(-max(now - self._response_t, 0.0) / RESPONSE_TAU_S)
     return self._response.predict("delay", 0.0) * fade
 
-  def completed(self, delay_s: float, at: Optional[float] = None) -> None:
+  def completed(self, delay_s: float, at: Optional[float] = None,
+                late: float = math.nan) -> None:
     """A response was sent `delay_s` after the scheduler finished its request (the
-    response path: hand-over to the front end, its event loop, encoding): learns it."""
+    response path: hand-over to the front end, its event loop, encoding), and `late`
+    seconds after admission predicted (negative: earlier; nan: not predicted): learns
+    both."""
     self._response.update("delay", max(0.0, delay_s))
     self._response_t = clock() if at is None else at
+    if self._late is not None and math.isfinite(late):
+      self._late.add(late)
+      self._late_t = self._response_t
 
   def submit(self, images: np.ndarray, *, arrival: Optional[float] = None,
              deadline_ms: Optional[float] = None,
@@ -185,9 +223,10 @@ class Router:
     n = int(images.shape[0])
     with self._lock:
       best, best_t = self._best(n, now)
-      self._check(best, best_t, now, arrival, deadline, budget)
+      predicted = self._check(best, best_t, now, arrival, deadline, budget)
       self._count(now, shed=False)
-      p = Pending(images=images, arrival=arrival, deadline=deadline, on_done=on_done)
+      p = Pending(images=images, arrival=arrival, deadline=deadline, on_done=on_done,
+                  predicted=predicted)
       best.submit(p)
     return p
 

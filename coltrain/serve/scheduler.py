@@ -74,17 +74,21 @@ class Pending:
   `deadline` (`clock()` seconds). Once `result` or `error` is set the scheduler calls
   `finish()`: `done` is set and `on_done(pending)` (if any; e.g. sending the result to
   the front end) is called from the scheduler thread. (`done`, a `threading.Event`, is
-  made on first use: most requests are answered through `on_done` alone.)"""
+  made on first use: most requests are answered through `on_done` alone.) `predicted`
+  is when admission expected its response to be sent (`clock()` seconds; nan if not
+  predicted): the front end reports how much later it was (`Router.completed`)."""
 
-  __slots__ = ("images", "n", "arrival", "deadline", "on_done", "finished_at", "result",
-               "error", "_event")
+  __slots__ = ("images", "n", "arrival", "deadline", "predicted", "on_done",
+               "finished_at", "result", "error", "_event")
 
   def __init__(self, images: np.ndarray, arrival: float, deadline: float,
-               on_done: Optional[Callable[["Pending"], None]] = None):
+               on_done: Optional[Callable[["Pending"], None]] = None,
+               predicted: float = math.nan):
     self.images = images
     self.n = int(images.shape[0])
     self.arrival = arrival
     self.deadline = deadline
+    self.predicted = predicted
     self.on_done = on_done
     self.finished_at: Optional[float] = None   # clock() when `finish()` ran
     self.result: Optional[dict] = None

@@ -116,7 +116,10 @@ class Server:
     self.batch1_device_s = float(np.median([w[1] for w in self.warmup_seconds]))
     self.batch1_http_s: Optional[float] = None
     self._router = Router(self.schedulers, self.metrics, CALIBRATION_SLO_S,
-                          s.margin_ms / 1e3, s.shed_holdoff_ms / 1e3, s.overload_headroom)
+                          s.margin_ms / 1e3, s.shed_holdoff_ms / 1e3, s.overload_headroom,
+                          s.late_quantile)
+    self.metrics.track_admission(lambda: self._router.headroom_s(self.slo_s),
+                                 self._router.late_reserve_s)
     self._http = FrontEndProcess(self, s.host, s.port, use_ring=s.request_ring)
     self.port = self._http.port
     self.url = f"http://{s.host}:{self.port}"

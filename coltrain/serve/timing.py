@@ -6,6 +6,8 @@ conservative estimate mean + `k_dev` x deviation used for deadline and slack dec
 to mean + `cap_devs` x max(deviation, 10% of mean) before it is averaged in.
 Thread-safe for one writer and many readers (each update replaces a tuple). `version`
 counts the changes, so readers can cache what they derive from the estimates.
+`RecentQuantile` keeps a quantile of the last values of a stream (admission's
+prediction errors).
 
 `clock()` is the serving code's time base (seconds, CLOCK_MONOTONIC on Linux: the same
 in the device and the front-end processes of one host).
@@ -15,6 +17,8 @@ from __future__ import annotations
 
 import time
 from typing import Hashable, Optional, Sequence
+
+import numpy as np
 
 clock = time.perf_counter
 
@@ -88,3 +92,30 @@ class OnlineTimer:
     if s is None:
       return default
     return s[0] + self.k_dev * s[1]
+
+
+class RecentQuantile:
+  """The `q`-quantile of the last `window` values added (e.g. seconds).
+
+  `value` is recomputed every `every` additions (one `np.quantile` over the window,
+  ~30 us at 2,048 values) once `min_count` values were seen, and is `default` before.
+  For one writer; readers read `value` (a float) from any thread."""
+
+  def __init__(self, q: float, window: int = 2048, every: int = 64, min_count: int = 64,
+               default: float = 0.0):
+    if not 0 < q < 1:
+      raise ValueError(f"a quantile must be in (0, 1), got {q}")
+    if window < 1 or every < 1 or not 1 <= min_count <= window:
+      raise ValueError(f"need window >= 1, every >= 1 and 1 <= min_count <= window, got "
+                       f"{window}, {every}, {min_count}")
+    self.q, self.window, self.every, self.min_count = q, window, every, min_count
+    self._values = np.zeros(window)
+    self.count = 0
+    self.value = float(default)
+
+  def add(self, x: float) -> None:
+    self._values[self.count % self.window] = x
+    self.count += 1
+    if self.count >= self.min_count and (self.count % self.every == 0
+                                         or self.count == self.min_count):
+      self.value = float(np.quantile(self._values[:min(self.count, self.window)], self.q))

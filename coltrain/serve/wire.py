@@ -12,8 +12,9 @@ the number of requests the front end is receiving (i32; only the front end write
 front end -> device
   INFER   key u64, arrival f64, deadline_ms f64 (0: the SLO), n u32, images f32[n, *shape]
   SENT    response_delay f64 (result finished -> response written), latency f64
-          (arrival -> response written): one per served request, for admission and
-          the `request_seconds` histogram
+          (arrival -> response written), late f64 (response written - admission's
+          prediction; nan if none): one per served request, for admission and the
+          `request_seconds` histogram
   COUNT   code u16: a response the front end answered itself (400, 404, 411, 413, 504)
   FSHED   (no fields) the front end refused a request unread (its backlog): a shed
   CALL    key u64, method, path, body: any other endpoint, answered by the device process
@@ -22,7 +23,8 @@ device -> front end
   HELLO   JSON {model_name, image_shape, max_batch, slo_s}: sent first
   SLO     slo_s f64: the latency objective changed (after calibration)
   RESULT  key u64, code u16, then for 200: version u64, queue_ms f64, compute_ms f64,
-          replica u32, batch_size u32, finished_at f64, n u32, k u32, logits f32[n, k];
+          replica u32, batch_size u32, finished_at f64, predicted f64 (when admission
+          expected the response sent), n u32, k u32, logits f32[n, k];
           for 503: retry_after_s f64 + message; for 500: message
   REPLY   key u64, code u16, content type, headers (JSON list of pairs), body: a CALL's
           answer
@@ -39,10 +41,10 @@ import numpy as np
 INFER, SENT, COUNT, CALL, READY, FSHED, HELLO, SLO, RESULT, REPLY = b"ISNCYFHLRP"
 _FRAME = struct.Struct("<IB")
 _INFER = struct.Struct("<QddI")
-_SENT = struct.Struct("<dd")
+_SENT = struct.Struct("<ddd")
 _COUNT = struct.Struct("<H")
 _KEY_CODE = struct.Struct("<QH")
-_RESULT_OK = struct.Struct("<QHQddIIdII")
+_RESULT_OK = struct.Struct("<QHQddIIddII")
 _F64 = struct.Struct("<d")
 _STR = struct.Struct("<I")
 _INCOMING = struct.Struct("<i")
@@ -138,11 +140,11 @@ def read_infer(p: bytes, image_shape: tuple[int, ...]):
   return key, arrival, (deadline_ms or None), images
 
 
-def sent(response_delay: float, latency: float) -> bytes:
-  return frame(SENT, _SENT.pack(response_delay, latency))
+def sent(response_delay: float, latency: float, late: float = float("nan")) -> bytes:
+  return frame(SENT, _SENT.pack(response_delay, latency, late))
 
 
-def read_sent(p: bytes) -> tuple[float, float]:
+def read_sent(p: bytes) -> tuple[float, float, float]:
   return _SENT.unpack_from(p)
 
 
@@ -193,11 +195,13 @@ def read_slo(p: bytes) -> float:
   return _F64.unpack_from(p)[0]
 
 
-def result_ok(key: int, r: dict, finished_at: float) -> bytes:
+def result_ok(key: int, r: dict, finished_at: float,
+              predicted: float = float("nan")) -> bytes:
   logits = np.ascontiguousarray(r["logits"], np.float32)
   n, k = logits.shape
   return frame(RESULT, _RESULT_OK.pack(key, 200, r["version"], r["queue_ms"], r["compute_ms"],
-                                       r["replica"], r["batch_size"], finished_at, n, k),
+                                       r["replica"], r["batch_size"], finished_at,
+                                       predicted, n, k),
                logits.tobytes())
 
 
@@ -211,15 +215,16 @@ def result_error(key: int, code: int, message: str) -> bytes:
 
 def read_result(p: bytes) -> tuple[int, int, Any]:
   """-> (key, code, fields): 200: dict(version, queue_ms, compute_ms, replica,
-  batch_size, finished_at, logits); 503: (retry_after_s, message); else: message."""
+  batch_size, finished_at, predicted, logits); 503: (retry_after_s, message); else: message."""
   key, code = _KEY_CODE.unpack_from(p)
   if code == 200:
-    (_, _, version, queue_ms, compute_ms, replica, batch_size, finished_at, n,
+    (_, _, version, queue_ms, compute_ms, replica, batch_size, finished_at, predicted, n,
      k) = _RESULT_OK.unpack_from(p)
     logits = np.frombuffer(p, np.float32, offset=_RESULT_OK.size).reshape(n, k)
     return key, code, {"version": version, "queue_ms": queue_ms, "compute_ms": compute_ms,
                        "replica": replica, "batch_size": batch_size,
-                       "finished_at": finished_at, "logits": logits}
+                       "finished_at": finished_at, "predicted": predicted,
+                       "logits": logits}
   off = _KEY_CODE.size
   if code == 503:
     (retry,) = _F64.unpack_from(p, off)

@@ -885,18 +885,22 @@ def test_recent_quantile_is_the_quantile_of_the_last_window_values():
   q = RecentQuantile(0.99, window=256, every=16, min_count=32, default=-1.0)
   rng = np.random.default_rng(0)
   xs = rng.exponential(1.0, 1000)
-  for i, x in enumerate(xs[:31]):
+  for x in xs[:31]:
     q.add(x)
-  assert q.value == -1.0                      # fewer than min_count: the default
-  q.add(xs[31])                               # the 32nd: computed at once
-  assert q.value == np.quantile(xs[:32], 0.99)
-  for x in xs[32:1000]:
+  assert q.value() == -1.0                    # fewer than min_count: the default
+  q.add(xs[31])                               # the 32nd: computed at the next read
+  assert q.value() == np.quantile(xs[:32], 0.99)
+  for x in xs[32:47]:                         # 15 more: the cached value
     q.add(x)
-  # recomputed at the 992nd value (every 16), over the 256 before it
-  assert q.count == 1000 and q.value == np.quantile(xs[992 - 256:992], 0.99)
+  assert q.value() == np.quantile(xs[:32], 0.99)
+  q.add(xs[47])                               # the 16th: recomputed
+  assert q.value() == np.quantile(xs[:48], 0.99)
+  for x in xs[48:1000]:                       # unread meanwhile: no work, and the next
+    q.add(x)                                  # read sees the last 256
+  assert q.count == 1000 and q.value() == np.quantile(xs[1000 - 256:1000], 0.99)
   for x in np.full(256, 5.0):                 # the old values leave the window
     q.add(x)
-  assert q.value == 5.0
+  assert q.value() == 5.0
   for bad in ({"q": 0.0}, {"q": 1.0}, {"q": 0.5, "window": 0},
               {"q": 0.5, "window": 8, "min_count": 9}, {"q": 0.5, "every": 0}):
     with pytest.raises(ValueError):

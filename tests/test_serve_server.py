@@ -218,7 +218,8 @@ def test_admission_learns_how_late_responses_were_against_its_predictions(server
   m = parse_metrics(call(server, "GET", "/metrics")[1])
   assert m["coltrain_admission_late_reserve_seconds"] == pytest.approx(
       server._router.late_reserve_s(), abs=0.005)
-  assert m["coltrain_admission_headroom_seconds"] >= 0.0
+  assert m["coltrain_admission_headroom_seconds"] == pytest.approx(
+      server._router.headroom_s(server.slo_s), abs=0.005)
 
 
 def test_training_can_be_paused_and_resumed(server):

@@ -147,7 +147,7 @@ class Router:
   def late_reserve_s(self, now: Optional[float] = None) -> float:
     """The `late_quantile` quantile of how much later than admission predicted the
     last 2,048 responses were sent (seconds, >= 0; 0 when off or before 64 were
-    seen). Overloaded, admission keeps it in reserve (`admission_target`): a request
+    seen; recomputed when read, at most once per 64 responses). Overloaded, admission keeps it in reserve (`admission_target`): a request
     predicted to complete by deadline - margin - reserve then misses its deadline with
     probability about 1 - late_quantile, whatever the prediction did not see (the
     front end's event loop, the host's other processes, a batch that ran long). Like
@@ -157,7 +157,7 @@ class Router:
       return 0.0
     now = clock() if now is None else now
     fade = math.exp(-max(now - self._late_t, 0.0) / RESPONSE_TAU_S)
-    return max(self._late.value, 0.0) * fade
+    return max(self._late.value(), 0.0) * fade
 
   def shed_unread(self) -> None:
     """The front end refused a request before reading it (its own backlog): counted

@@ -97,9 +97,12 @@ class OnlineTimer:
 class RecentQuantile:
   """The `q`-quantile of the last `window` values added (e.g. seconds).
 
-  `value` is recomputed every `every` additions (one `np.quantile` over the window,
-  ~30 us at 2,048 values) once `min_count` values were seen, and is `default` before.
-  For one writer; readers read `value` (a float) from any thread."""
+  `add` only stores the value (the writer's cost is one array store). `value()` is the
+  quantile (one `np.quantile` over the window, ~30 us at 2,048 values), recomputed on
+  a read after at least `every` values were added since the last computation, else
+  cached; `default` until `min_count` values were seen. So a stream nobody reads costs
+  no quantiles. One writer; readers in any thread (a read racing a write sees the
+  window with or without the newest value)."""
 
   def __init__(self, q: float, window: int = 2048, every: int = 64, min_count: int = 64,
                default: float = 0.0):
@@ -111,11 +114,18 @@ class RecentQuantile:
     self.q, self.window, self.every, self.min_count = q, window, every, min_count
     self._values = np.zeros(window)
     self.count = 0
-    self.value = float(default)
+    self._default = float(default)
+    self._value = float(default)
+    self._at = 0            # `count` when `_value` was computed
 
   def add(self, x: float) -> None:
     self._values[self.count % self.window] = x
     self.count += 1
-    if self.count >= self.min_count and (self.count % self.every == 0
-                                         or self.count == self.min_count):
-      self.value = float(np.quantile(self._values[:min(self.count, self.window)], self.q))
+
+  def value(self) -> float:
+    count = self.count
+    if count >= self.min_count and (count - self._at >= self.every
+                                    or self._at < self.min_count):
+      self._value = float(np.quantile(self._values[:min(count, self.window)], self.q))
+      self._at = count
+    return self._value

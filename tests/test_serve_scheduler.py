@@ -907,8 +907,8 @@ def test_recent_quantile_is_the_quantile_of_the_last_window_values():
       RecentQuantile(**bad)
 
 
-def test_overloaded_admission_keeps_in_reserve_how_late_responses_were_against_predictions():
-  from coltrain.serve.router import HEADROOM_FULL_FRACTION, RESPONSE_TAU_S
+def test_admission_keeps_in_reserve_how_late_responses_were_while_they_miss_the_slo():
+  from coltrain.serve.router import RESERVE_FULL_MISSED, RESPONSE_TAU_S
   s, _ = make_sched(slo=0.05, max_queue=10_000, infer_s=lambda b: 0.001)
   router = Router([s], ServeMetrics(), slo_s=0.05, margin_s=0.002, late_quantile=0.99)
   off = Router([s], ServeMetrics(), slo_s=0.05, margin_s=0.002)
@@ -919,29 +919,27 @@ def test_overloaded_admission_keeps_in_reserve_how_late_responses_were_against_p
   # the prediction admission made travels with the request: the device's completion
   # (10 ms busy + this batch, conservatively) and no response delay learned yet
   assert before + 0.010 < p.predicted < clock() + 0.015
-  late = np.random.default_rng(1).uniform(0.0, 0.010, 2048)  # up to 10 ms late
-  for x in late:
-    router.completed(0.0005, late=float(x))
-    off.completed(0.0005, late=float(x))
-    router.completed(0.0005, late=float("nan"))  # not predicted: not learned
+  late = np.random.default_rng(1).uniform(0.0, 0.010, 2048)  # up to 10 ms late ...
+  t = clock()
+  for x in late:                             # ... and all within the 50 ms SLO
+    router.completed(0.0005, t, late=float(x), latency=0.030)
+    off.completed(0.0005, t, late=float(x), latency=0.030)
+    router.completed(0.0005, t, late=float("nan"))  # not predicted: not learned
   reserve = np.quantile(late, 0.99)
-  assert router.late_reserve_s(router._late_t) == pytest.approx(reserve)
+  assert router.late_reserve_s(t) == pytest.approx(reserve)
   assert off.late_reserve_s() == 0.0
-  deadline = clock() + 0.05
-  # nothing shed: no headroom, the reserve included
-  assert router.admission_target(deadline, 0.05) == pytest.approx(deadline - 0.002)
-  s._busy_until = clock() + 60.0             # a device that finishes nothing: overload
-  for r in (router, off):
-    for _ in range(200):
-      with pytest.raises(Shed):
-        r.submit(np.zeros((1,) + SHAPE, np.float32))
-    assert r.recent_shed_fraction() > HEADROOM_FULL_FRACTION
-  s._queue.clear()
-  s._queued_images = 0
-  now = router._late_t
-  assert router.admission_target(deadline, 0.05, now) == pytest.approx(
+  deadline = t + 0.05
+  # the responses met the SLO: no reserve kept
+  assert router.recent_missed_fraction() == 0.0
+  assert router.admission_target(deadline, 0.05, t) == pytest.approx(deadline - 0.002)
+  for _ in range(30):                        # 30 of ~2,000 recent ones (1.5 %) missed
+    router.completed(0.0005, t, late=0.005, latency=0.060)
+  assert router.recent_missed_fraction() > RESERVE_FULL_MISSED
+  reserve = np.quantile(np.r_[late[30:], np.full(30, 0.005)], 0.99)
+  assert router.headroom_s(0.05, t) == pytest.approx(reserve)
+  assert router.admission_target(deadline, 0.05, t) == pytest.approx(
       deadline - 0.002 - reserve)
-  assert off.admission_target(deadline, 0.05) == pytest.approx(deadline - 0.002)
+  assert off.admission_target(deadline, 0.05, t) == pytest.approx(deadline - 0.002)
   # a request predicted to be done ~12 ms from now of its 50 ms: admitted by the
   # margin alone, refused with the reserve when it came 35 ms late
   arrival = clock() - 0.035
@@ -951,7 +949,13 @@ def test_overloaded_admission_keeps_in_reserve_how_late_responses_were_against_p
   with pytest.raises(Shed):
     router.submit(np.zeros((1,) + SHAPE, np.float32), arrival=arrival)
   # nothing served since: the reserve fades
-  assert router.late_reserve_s(now + 5 * RESPONSE_TAU_S) < 0.01 * reserve
+  assert router.late_reserve_s(t + 5 * RESPONSE_TAU_S) < 0.01 * reserve
+  # on time again (3 s later, the misses have decayed): the reserve is let go,
+  # whatever the shed fraction
+  for _ in range(200):
+    router.completed(0.0005, t + 3.0, late=0.001, latency=0.030)
+  assert router.recent_missed_fraction() < 0.002
+  assert router.headroom_s(0.05, t + 3.0) == 0.0
   for x in np.full(2048, -0.001):            # responses earlier than predicted:
-    router.completed(0.0005, late=float(x))  # no reserve (never a negative one)
-  assert router.late_reserve_s(router._late_t) == 0.0
+    router.completed(0.0005, t + 3.0, late=float(x))  # no reserve, never a negative one
+  assert router.late_reserve_s(t + 3.0) == 0.0

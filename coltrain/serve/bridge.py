@@ -446,7 +446,7 @@ class FrontEndProcess:
 
   def _sent(self, payload: bytes) -> None:
     delay, latency, late = wire.read_sent(payload)
-    self.app.router.completed(delay, late=late)
+    self.app.router.completed(delay, late=late, latency=latency)
     self.app.metrics.request_seconds.observe(latency)
 
   def set_slo(self, slo_s: float) -> None:

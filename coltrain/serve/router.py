@@ -7,10 +7,9 @@ from online timings, including a training chunk in progress) and queues it on th
 replica that finishes it first. Predictions add the measured response delay (how long
 recent results waited for the front end to send them, which the device-side prediction
 cannot see and which grows when the front end is overloaded). If even that replica
-would miss the deadline (minus the safety margin, and under sustained shedding minus a
-headroom: a fraction of the budget and a reserve for how late recent responses were
-against their predictions, `admission_target`), or every queue is at its cap, the
-request is shed:
+would miss the deadline (minus the safety margin, and while recent responses miss
+the SLO minus a reserve for how late they were against their predictions:
+`admission_target`), or every queue is at its cap, the request is shed:
 `Shed` carries the reason and a Retry-After hint, and the HTTP layer answers 503
 instead of letting the queue grow; and no replica starts a training chunk for a while
 (`_hold_training`: training must not take cycles while inference is refused). A
@@ -37,6 +36,8 @@ HOLDOFF_FULL_FRACTION = 0.05  # a recent shed fraction that gives the whole hold
 SHED_TAU_S = 0.5        # time constant of the recent arrival and shed counts
 HEADROOM_FROM_FRACTION = 0.05  # recent shed fractions from which admission keeps headroom
 HEADROOM_FULL_FRACTION = 0.25  # ... and at which it keeps all of `overload_headroom`
+RESERVE_FROM_MISSED = 0.002  # recent fractions of served requests past the SLO from which
+RESERVE_FULL_MISSED = 0.01   # admission keeps the late reserve, and at which all of it
 
 
 class Shed(Exception):
@@ -65,6 +66,8 @@ class Router:
     # how much later than predicted responses were sent: its `late_quantile` quantile
     self._late = RecentQuantile(late_quantile) if late_quantile > 0 else None
     self._late_t = clock()   # when the last one was learned
+    self._served = 0.0    # responses and those past the SLO, exponentially decayed with
+    self._missed = 0.0    # SHED_TAU_S, as of `_late_t` (written by `completed` only)
     self._lock = threading.Lock()
     # requests the front end is receiving (not yet submitted); set by the server
     self.incoming_source: Callable[[], int] = lambda: 0
@@ -122,32 +125,50 @@ class Router:
   def admission_target(self, deadline: float, budget: float,
                        now: Optional[float] = None) -> float:
     """The latest predicted completion admitted for a request due at `deadline` with a
-    `budget` (seconds): the deadline minus the safety margin, and under overload minus
-    a headroom: `overload_headroom` x budget plus `late_reserve_s` (how late recent
-    responses were against their predictions), none of it while the recent shed
-    fraction is under HEADROOM_FROM_FRACTION (5 %), all of it from
-    HEADROOM_FULL_FRACTION (25 %), linear between. Overloaded, admission fills the
-    queue up to its target, so every admitted request finishes near it, and what the
-    prediction cannot see then (a saturated host: socket buffers before the front end
-    reads, its event loop, the client's own reading) carries the tail past the SLO;
-    the headroom keeps that slack for the requests already admitted. It starts only at
-    5 % shed: at high but sustainable load a few tail sheds must not tighten admission
-    (more sheds, a tighter target: measured at rho = 0.7, starting at 0 % cost 1.3
-    points of SLO attainment)."""
+    `budget` (seconds): the deadline minus the safety margin and minus a headroom
+    (`headroom_s`). When admission fills the queue up to its target (overload), every
+    admitted request finishes near it, and what the prediction cannot see then (a
+    saturated host: socket buffers before the front end reads, its event loop, the
+    client's own reading) carries the tail past the SLO; the headroom keeps that slack
+    for the requests already admitted."""
     return deadline - self.margin_s - self.headroom_s(budget, now)
 
   def headroom_s(self, budget: float, now: Optional[float] = None) -> float:
-    """The overload headroom `admission_target` keeps now for a `budget` (seconds)."""
-    frac = (self.recent_shed_fraction() - HEADROOM_FROM_FRACTION) / (
-        HEADROOM_FULL_FRACTION - HEADROOM_FROM_FRACTION)
-    if frac <= 0.0:
-      return 0.0
-    return min(frac, 1.0) * (self.overload_headroom * budget + self.late_reserve_s(now))
+    """The headroom `admission_target` keeps now for a `budget` (seconds), two parts:
+
+    * `late_reserve_s` (how late recent responses were against their predictions), in
+      proportion to how many recent responses missed the SLO (`recent_missed_fraction`):
+      none under RESERVE_FROM_MISSED (0.2 %), all of it from RESERVE_FULL_MISSED (1 %),
+      linear between. It is kept while it is needed: driven by the shed fraction
+      instead, it locked in (a burst's sheds brought the reserve, whose sheds kept it:
+      A shed 12.6 % at rho = 0.7 while serving its p99 at 0.7 of the SLO,
+      `run_034073a/`); driven by the misses it lets go once the admitted are on time.
+    * `overload_headroom` x budget (0 by default), in proportion to the recent shed
+      fraction: none under HEADROOM_FROM_FRACTION (5 %), all of it from
+      HEADROOM_FULL_FRACTION (25 %), linear between."""
+    headroom = 0.0
+    if self._late is not None:
+      missed = (self.recent_missed_fraction() - RESERVE_FROM_MISSED) / (
+          RESERVE_FULL_MISSED - RESERVE_FROM_MISSED)
+      if missed > 0.0:
+        headroom += min(missed, 1.0) * self.late_reserve_s(now)
+    if self.overload_headroom > 0.0:
+      shed = (self.recent_shed_fraction() - HEADROOM_FROM_FRACTION) / (
+          HEADROOM_FULL_FRACTION - HEADROOM_FROM_FRACTION)
+      if shed > 0.0:
+        headroom += min(shed, 1.0) * self.overload_headroom * budget
+    return headroom
+
+  def recent_missed_fraction(self) -> float:
+    """The fraction of recent responses (time constant SHED_TAU_S, as of the last one)
+    written more than the SLO after their arrival; 0 with `late_quantile` off."""
+    return self._missed / self._served if self._served else 0.0
 
   def late_reserve_s(self, now: Optional[float] = None) -> float:
     """The `late_quantile` quantile of how much later than admission predicted the
     last 2,048 responses were sent (seconds, >= 0; 0 when off or before 64 were
-    seen; recomputed when read, at most once per 64 responses). Overloaded, admission keeps it in reserve (`admission_target`): a request
+    seen; recomputed when read, at most once per 64 responses). While recent
+    responses miss the SLO, admission keeps it in reserve (`headroom_s`): a request
     predicted to complete by deadline - margin - reserve then misses its deadline with
     probability about 1 - late_quantile, whatever the prediction did not see (the
     front end's event loop, the host's other processes, a batch that ran long). Like
@@ -200,16 +221,19 @@ class Router:
     return self._response.predict("delay", 0.0) * fade
 
   def completed(self, delay_s: float, at: Optional[float] = None,
-                late: float = math.nan) -> None:
+                late: float = math.nan, latency: float = math.nan) -> None:
     """A response was sent `delay_s` after the scheduler finished its request (the
-    response path: hand-over to the front end, its event loop, encoding), and `late`
-    seconds after admission predicted (negative: earlier; nan: not predicted): learns
-    both."""
+    response path: hand-over to the front end, its event loop, encoding), `late`
+    seconds after admission predicted (negative: earlier; nan: not predicted) and
+    `latency` seconds after its arrival (nan: unknown): learns them."""
     self._response.update("delay", max(0.0, delay_s))
-    self._response_t = clock() if at is None else at
+    at = self._response_t = clock() if at is None else at
     if self._late is not None and math.isfinite(late):
       self._late.add(late)
-      self._late_t = self._response_t
+      f = math.exp(-max(at - self._late_t, 0.0) / SHED_TAU_S)
+      self._served = self._served * f + 1.0
+      self._missed = self._missed * f + (latency > self.slo_s)
+      self._late_t = at
 
   def submit(self, images: np.ndarray, *, arrival: Optional[float] = None,
              deadline_ms: Optional[float] = None,

@@ -1,5 +1,17 @@
-"""Overload diagnosis: client-side vs server-side (front end est. arrival -> response
-written) latency at fixed rates, SLO 10 ms (a histogram bound)."""
+"""The scratch script behind two files of this folder (kept as a record; not a tool).
+
+One server (D: training on; the device on the last core, the generator at niceness
+-10 on the others), fixed Poisson rates, SLO 10 ms (a bound of the server's latency
+histogram): per window, the client's admitted attainment against the share of served
+requests the server itself wrote within 10 ms of its arrival estimate
+(`coltrain_request_seconds`), and the admission gauges read every 0.25 s.
+
+  python results/colocate/ab_late_quantile/diag_scratch.py RATES ROUNDS SECONDS D OUT
+
+`server_vs_client.json`: `7000 2 12 D` on 9b3613c (before the late quantile and its
+gauges, so an earlier copy without `reserve_ms`/`headroom_ms`); `reserve_gauges.json`:
+`3300,4250,7000 1 12 D` on 034073a's serving code.
+"""
 import json, os, sys, tempfile, time
 sys.path.insert(0, os.getcwd())
 from launch import colocate_bench as cb

@@ -35,12 +35,12 @@ SERVE_DEFAULTS: dict[str, Any] = {
     "max_queue": 4096,          # queued requests per replica before shedding (hard cap)
     "margin_ms": 1.0,           # safety margin in deadline/slack predictions (HTTP, jitter)
     "shed_holdoff_ms": 250.0,   # training pause after a shed, x min(1, shed fraction / 5%)
-    "late_quantile": 0.99,      # while recent responses miss the SLO, admission keeps
+    "late_quantile": 0.0,       # while recent responses miss the SLO, admission keeps
                                 #   in reserve this quantile of how much later than
                                 #   predicted they were sent (none under 0.2% missed,
                                 #   all of it from 1%): admitted requests finish with
                                 #   slack for what predictions cannot see (0 = off)
-    "overload_headroom": 0.0,   # and this fraction of the deadline budget, none under
+    "overload_headroom": 0.3,   # and this fraction of the deadline budget, none under
                                 #   5% recent sheds, all of it from 25%
     "replicas": 1,              # scheduler threads, one per (simulated) device
     "init_from": "",            # a launch.train workdir (or its checkpoints/): serve and

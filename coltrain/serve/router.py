@@ -140,9 +140,10 @@ class Router:
       proportion to how many recent responses missed the SLO (`recent_missed_fraction`):
       none under RESERVE_FROM_MISSED (0.2 %), all of it from RESERVE_FULL_MISSED (1 %),
       linear between. It is kept while it is needed: driven by the shed fraction
-      instead, it locked in (a burst's sheds brought the reserve, whose sheds kept it:
-      A shed 12.6 % at rho = 0.7 while serving its p99 at 0.7 of the SLO,
-      `run_034073a/`); driven by the misses it lets go once the admitted are on time.
+      instead, it can sustain itself (a burst's sheds bring the reserve, whose sheds
+      keep it; in `run_034073a/` A shed 12.6 % at rho = 0.7 with its p99 at 0.7 of the
+      SLO, where earlier runs' A shed at most 2 %); driven by the misses it lets go
+      once the admitted are on time.
     * `overload_headroom` x budget (0 by default), in proportion to the recent shed
       fraction: none under HEADROOM_FROM_FRACTION (5 %), all of it from
       HEADROOM_FULL_FRACTION (25 %), linear between."""

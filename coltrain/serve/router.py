@@ -142,9 +142,10 @@ class Router:
       linear between. It is kept while it is needed: driven by the shed fraction
       instead, it can sustain itself (a burst's sheds bring the reserve, whose sheds
       keep it; in `run_034073a/` A shed 12.6 % at rho = 0.7 with its p99 at 0.7 of the
-      SLO, where earlier runs' A shed at most 2 %); driven by the misses it lets go
-      once the admitted are on time.
-    * `overload_headroom` x budget (0 by default), in proportion to the recent shed
+      SLO, where earlier runs' A shed at most 1.4 % at rho <= 0.7); driven by the
+      misses it lets go once the admitted are on time. Off by default: its full runs
+      were mixed (results/colocate/README.md).
+    * `overload_headroom` x budget (0.3 by default), in proportion to the recent shed
       fraction: none under HEADROOM_FROM_FRACTION (5 %), all of it from
       HEADROOM_FULL_FRACTION (25 %), linear between."""
     headroom = 0.0

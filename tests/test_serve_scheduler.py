@@ -15,7 +15,7 @@ from coltrain.serve.buckets import (bucket_for, buckets_up_to, parse_buckets,
 from coltrain.serve.model import Weights
 from coltrain.serve.router import Router, Shed
 from coltrain.serve.scheduler import RATE_TAU_S, DeviceScheduler, Pending, clock
-from coltrain.serve.timing import OnlineTimer, RecentQuantile
+from coltrain.serve.timing import DecayedFraction, OnlineTimer, RecentQuantile
 
 pytestmark = pytest.mark.serial   # wall-clock timing: runs alone (pyproject's `serial`)
 
@@ -905,6 +905,19 @@ def test_recent_quantile_is_the_quantile_of_the_last_window_values():
               {"q": 0.5, "window": 8, "min_count": 9}, {"q": 0.5, "every": 0}):
     with pytest.raises(ValueError):
       RecentQuantile(**bad)
+
+
+def test_decayed_fraction_weighs_events_by_their_age():
+  d = DecayedFraction(tau_s=1.0, t=0.0)
+  assert d.fraction() == 0.0                  # no events yet
+  d.count(0.0, True)
+  d.count(0.0, False)
+  assert d.fraction() == 0.5 and d.t == 0.0
+  d.count(1.0, False)                         # the first two weigh e^-1 now
+  w = np.exp(-1.0)
+  assert d.fraction() == pytest.approx(w / (2 * w + 1)) and d.t == 1.0
+  d.count(0.5, True)                          # out of order: never weighed up
+  assert d.fraction() == pytest.approx((w + 1) / (2 * w + 2)) and d.t == 0.5
 
 
 def test_admission_keeps_in_reserve_how_late_responses_were_while_they_miss_the_slo():

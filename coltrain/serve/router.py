@@ -28,7 +28,7 @@ import numpy as np
 
 from coltrain.serve.metrics import ServeMetrics
 from coltrain.serve.scheduler import DeviceScheduler, Pending, clock
-from coltrain.serve.timing import OnlineTimer, RecentQuantile
+from coltrain.serve.timing import DecayedFraction, OnlineTimer, RecentQuantile
 
 
 RESPONSE_TAU_S = 0.5   # an unrefreshed response-delay estimate fades with this constant
@@ -38,6 +38,13 @@ HEADROOM_FROM_FRACTION = 0.05  # recent shed fractions from which admission keep
 HEADROOM_FULL_FRACTION = 0.25  # ... and at which it keeps all of `overload_headroom`
 RESERVE_FROM_MISSED = 0.002  # recent fractions of served requests past the SLO from which
 RESERVE_FULL_MISSED = 0.01   # admission keeps the late reserve, and at which all of it
+
+
+def _fade(since: float, now: Optional[float]) -> float:
+  """The weight left to an estimate last refreshed at `since`, at `now` (default: the
+  clock): it fades with time constant RESPONSE_TAU_S."""
+  now = clock() if now is None else now
+  return math.exp(-max(now - since, 0.0) / RESPONSE_TAU_S)
 
 
 class Shed(Exception):
@@ -65,17 +72,14 @@ class Router:
     self.overload_headroom = overload_headroom
     # how much later than predicted responses were sent: its `late_quantile` quantile
     self._late = RecentQuantile(late_quantile) if late_quantile > 0 else None
-    self._late_t = clock()   # when the last one was learned
-    self._served = 0.0    # responses and those past the SLO, exponentially decayed with
-    self._missed = 0.0    # SHED_TAU_S, as of `_late_t` (written by `completed` only)
+    # the recent responses past the SLO (counted with `_late`, by `completed` only)
+    self._missed = DecayedFraction(SHED_TAU_S, clock())
     self._lock = threading.Lock()
     # requests the front end is receiving (not yet submitted); set by the server
     self.incoming_source: Callable[[], int] = lambda: 0
     self._response = OnlineTimer(alpha=0.05)
     self._response_t = clock()   # when the response delay was last measured
-    self._arrived = 0.0   # requests (admitted or shed) and sheds, exponentially
-    self._shed = 0.0      # decayed with SHED_TAU_S, as of `_counted_t`
-    self._counted_t = clock()
+    self._shed = DecayedFraction(SHED_TAU_S, clock())   # the recent requests shed
     for s in self.schedulers:
       s.incoming = self.incoming
 
@@ -164,7 +168,7 @@ class Router:
   def recent_missed_fraction(self) -> float:
     """The fraction of recent responses (time constant SHED_TAU_S, as of the last one)
     written more than the SLO after their arrival; 0 with `late_quantile` off."""
-    return self._missed / self._served if self._served else 0.0
+    return self._missed.fraction()
 
   def late_reserve_s(self, now: Optional[float] = None) -> float:
     """The `late_quantile` quantile of how much later than admission predicted the
@@ -178,9 +182,7 @@ class Router:
     served."""
     if self._late is None:
       return 0.0
-    now = clock() if now is None else now
-    fade = math.exp(-max(now - self._late_t, 0.0) / RESPONSE_TAU_S)
-    return max(self._late.value(), 0.0) * fade
+    return max(self._late.value(), 0.0) * _fade(self._missed.t, now)
 
   def shed_unread(self) -> None:
     """The front end refused a request before reading it (its own backlog): counted
@@ -193,14 +195,11 @@ class Router:
 
   def _count(self, now: float, shed: bool) -> None:
     """Counts a request (and whether it was shed) in the decayed recent counts."""
-    f = math.exp(-max(now - self._counted_t, 0.0) / SHED_TAU_S)
-    self._arrived = self._arrived * f + 1.0
-    self._shed = self._shed * f + shed
-    self._counted_t = now
+    self._shed.count(now, shed)
 
   def recent_shed_fraction(self) -> float:
     """The fraction of recent requests that were shed (time constant SHED_TAU_S)."""
-    return self._shed / self._arrived if self._arrived else 0.0
+    return self._shed.fraction()
 
   def _hold_training(self, now: float) -> None:
     """After a shed at `now`: no replica starts a training chunk for `shed_holdoff_s` x
@@ -218,9 +217,7 @@ class Router:
     deviations): admission adds it to every device-side prediction. An estimate that
     is not being refreshed (nothing admitted) fades with time constant
     `RESPONSE_TAU_S`, so one overload cannot keep refusing requests after it ended."""
-    now = clock() if now is None else now
-    fade = math.exp(-max(now - self._response_t, 0.0) / RESPONSE_TAU_S)
-    return self._response.predict("delay", 0.0) * fade
+    return self._response.predict("delay", 0.0) * _fade(self._response_t, now)
 
   def completed(self, delay_s: float, at: Optional[float] = None,
                 late: float = math.nan, latency: float = math.nan) -> None:
@@ -232,10 +229,7 @@ class Router:
     at = self._response_t = clock() if at is None else at
     if self._late is not None and math.isfinite(late):
       self._late.add(late)
-      f = math.exp(-max(at - self._late_t, 0.0) / SHED_TAU_S)
-      self._served = self._served * f + 1.0
-      self._missed = self._missed * f + (latency > self.slo_s)
-      self._late_t = at
+      self._missed.count(at, latency > self.slo_s)
 
   def submit(self, images: np.ndarray, *, arrival: Optional[float] = None,
              deadline_ms: Optional[float] = None,

@@ -7,7 +7,8 @@ to mean + `cap_devs` x max(deviation, 10% of mean) before it is averaged in.
 Thread-safe for one writer and many readers (each update replaces a tuple). `version`
 counts the changes, so readers can cache what they derive from the estimates.
 `RecentQuantile` keeps a quantile of the last values of a stream (admission's
-prediction errors).
+prediction errors); `DecayedFraction` the recent share of events that were hits (shed
+requests, responses past the SLO).
 
 `clock()` is the serving code's time base (seconds, CLOCK_MONOTONIC on Linux: the same
 in the device and the front-end processes of one host).
@@ -15,6 +16,7 @@ in the device and the front-end processes of one host).
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Hashable, Optional, Sequence
 
@@ -114,7 +116,6 @@ class RecentQuantile:
     self.q, self.window, self.every, self.min_count = q, window, every, min_count
     self._values = np.zeros(window)
     self.count = 0
-    self._default = float(default)
     self._value = float(default)
     self._at = 0            # `count` when `_value` was computed
 
@@ -129,3 +130,26 @@ class RecentQuantile:
       self._value = float(np.quantile(self._values[:min(count, self.window)], self.q))
       self._at = count
     return self._value
+
+
+class DecayedFraction:
+  """The recent fraction of events that were hits: counts of both, exponentially
+  decayed with time constant `tau_s` (seconds). `t` is when the last event was
+  counted. One writer (or callers holding a lock); readers in any thread."""
+
+  __slots__ = ("tau_s", "t", "_events", "_hits")
+
+  def __init__(self, tau_s: float, t: float):
+    self.tau_s, self.t = tau_s, t
+    self._events = 0.0
+    self._hits = 0.0
+
+  def count(self, now: float, hit: bool) -> None:
+    f = math.exp(-max(now - self.t, 0.0) / self.tau_s)
+    self._events = self._events * f + 1.0
+    self._hits = self._hits * f + hit
+    self.t = now
+
+  def fraction(self) -> float:
+    """Hits / events as of the last event (0 before any)."""
+    return self._hits / self._events if self._events else 0.0

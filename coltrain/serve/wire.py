@@ -215,7 +215,8 @@ def result_error(key: int, code: int, message: str) -> bytes:
 
 def read_result(p: bytes) -> tuple[int, int, Any]:
   """-> (key, code, fields): 200: dict(version, queue_ms, compute_ms, replica,
-  batch_size, finished_at, predicted, logits); 503: (retry_after_s, message); else: message."""
+  batch_size, finished_at, predicted, logits); 503: (retry_after_s, message); else:
+  message."""
   key, code = _KEY_CODE.unpack_from(p)
   if code == 200:
     (_, _, version, queue_ms, compute_ms, replica, batch_size, finished_at, predicted, n,

@@ -42,6 +42,10 @@ def test_results_are_buffered_until_the_batch_is_done_then_sent_in_one_write():
                      on_done=lambda p: fe._finished(9, p))
     failed.error = "inference failed: boom"
     failed.finish()
+    dropped = Pending(images=np.zeros((1, 2, 2, 1), np.float32), arrival=0.0, deadline=1.0,
+                      on_done=lambda p: fe._finished(10, p))
+    dropped.error, dropped.retry_after_s = "overloaded: too late", 0.25   # a 503
+    dropped.finish()
     try:                                     # nothing is written before the flush
       theirs.recv(1 << 16)
       raise AssertionError("a result was written before results_done")
@@ -50,14 +54,17 @@ def test_results_are_buffered_until_the_batch_is_done_then_sent_in_one_write():
     fe.flush_results()
     frames = wire.Reader().feed(theirs.recv(1 << 16))
     results = [wire.read_result(payload) for kind, payload in frames]
-    assert [kind for kind, _ in frames] == [wire.RESULT] * 3
-    assert [(key, code) for key, code, _ in results] == [(7, 200), (8, 200), (9, 500)]
+    assert [kind for kind, _ in frames] == [wire.RESULT] * 4
+    assert [(key, code) for key, code, _ in results] == [(7, 200), (8, 200), (9, 500),
+                                                         (10, 503)]
     np.testing.assert_array_equal(results[1][2]["logits"], np.full((1, 3), 8, np.float32))
     assert results[0][2]["predicted"] == 12.5 and np.isnan(results[1][2]["predicted"])
     assert results[2][2] == "inference failed: boom"
+    assert results[3][2] == (0.25, "overloaded: too late")
     m = parse_metrics(app.metrics.render().decode())
     assert m['coltrain_requests_total{code="200"}'] == 2
     assert m['coltrain_requests_total{code="500"}'] == 1
+    assert m['coltrain_requests_total{code="503"}'] == 1
     fe.flush_results()                       # an empty flush writes nothing
     try:
       theirs.recv(1 << 16)

@@ -76,11 +76,11 @@ class FakeTrainer:
 
 
 def make_sched(index=0, trainer=None, slo=1.0, max_batch=8, max_queue=100, delay=0.0,
-               metrics=None, predictor=None, infer_s=lambda b: 0.001):
+               metrics=None, predictor=None, infer_s=lambda b: 0.001, drop_late=False):
   pred = predictor or FakePredictor(max_batch)
   s = DeviceScheduler(index, pred, Weights(0, {}, {}), slo_s=slo, max_queue_delay_s=delay,
                       margin_s=0.0, max_queue=max_queue, metrics=metrics or ServeMetrics(),
-                      trainer=trainer)
+                      trainer=trainer, drop_late=drop_late)
   for b in pred.buckets:
     s.timer.update(b, infer_s(b))
   return s, pred
@@ -380,6 +380,71 @@ def test_a_failing_batch_reports_an_error_and_the_loop_survives():
     s.stop()
 
 
+def _late_and_on_time(s, late_deadline_s):
+  """Queues a request due in `late_deadline_s` and one due in 60 s, runs `s` until
+  both are finished; -> (late, on_time, on_drop calls)."""
+  drops = []
+  s.on_drop = lambda count, now: drops.append((count, now))
+  late, on_time = pending(1, 2.0, deadline=late_deadline_s), pending(2, 3.0)
+  s.submit(late)
+  s.submit(on_time)
+  s.start()
+  try:
+    assert late.done.wait(30) and on_time.done.wait(30)
+  finally:
+    s.stop()
+  return late, on_time, drops
+
+
+def test_with_drop_late_a_request_that_would_miss_its_deadline_is_dropped_not_computed():
+  metrics = ServeMetrics()
+  s, pred = make_sched(metrics=metrics, infer_s=lambda b: 0.05, drop_late=True)
+  late, on_time, drops = _late_and_on_time(s, 0.010)   # 50 ms batch, 10 ms deadline
+  assert late.result is None and late.retry_after_s is not None
+  assert 0 < late.retry_after_s <= 0.2           # about one batch time
+  assert late.error.startswith("overloaded: the response would be sent")
+  assert "past the 10.0 ms deadline" in late.error
+  assert on_time.error is None and on_time.result["logits"][:, 0].tolist() == [12.0, 12.0]
+  assert pred.sizes == [2]                   # only the request on time was computed
+  assert [count for count, _ in drops] == [1]
+  m = parse_metrics(metrics.render().decode())
+  assert m['coltrain_shed_total{reason="late"}'] == 1
+
+
+def test_without_drop_late_a_request_predicted_late_is_still_computed():
+  metrics = ServeMetrics()
+  s, pred = make_sched(metrics=metrics, infer_s=lambda b: 0.05)
+  late, on_time, drops = _late_and_on_time(s, 0.010)
+  assert late.error is None and late.result["logits"][:, 0].tolist() == [8.0]
+  assert on_time.error is None and pred.sizes == [3] and drops == []
+  m = parse_metrics(metrics.render().decode())
+  assert 'coltrain_shed_total{reason="late"}' not in m
+
+
+def test_drop_late_counts_the_measured_response_delay():
+  s, pred = make_sched(infer_s=lambda b: 0.001, drop_late=True)
+  s.response_delay = lambda: 0.5            # responses take 0.5 s to be sent
+  late, on_time, drops = _late_and_on_time(s, 0.2)
+  assert late.retry_after_s is not None and on_time.error is None
+  assert pred.sizes == [2] and [count for count, _ in drops] == [1]
+  s2, pred2 = make_sched(infer_s=lambda b: 0.001, drop_late=True)   # 0 delay: on time
+  late2, on_time2, drops2 = _late_and_on_time(s2, 0.2)
+  assert late2.error is None and on_time2.error is None and drops2 == []
+
+
+def test_a_drop_at_dispatch_turns_an_admitted_request_into_a_shed_one():
+  s, _ = make_sched(slo=0.05, max_queue=10_000, drop_late=True)
+  router = Router([s], ServeMetrics(), slo_s=0.05, margin_s=0.0, shed_holdoff_s=0.4)
+  assert s.on_drop == router.dropped and s.response_delay == router.response_delay_s
+  for _ in range(3):
+    router.submit(np.zeros((1,) + SHAPE, np.float32), deadline_ms=60_000)
+  assert router.recent_shed_fraction() == 0.0
+  now = clock()
+  router.dropped(1, now)
+  assert router.recent_shed_fraction() == pytest.approx(1 / 3, rel=1e-3)
+  assert s._hold_training_until > now        # training holds off as after a shed
+
+
 def test_router_sends_to_the_replica_that_finishes_first():
   metrics = ServeMetrics()
   a, _ = make_sched(0, metrics=metrics)
@@ -643,7 +708,7 @@ def test_the_inference_busy_estimate_counts_each_batchs_device_time():
   s, _ = make_sched(predictor=SlowPredictor())
   s.submit(pending(1))
   t0 = clock()
-  s._run_inference(s._take_batch())
+  s._run_inference(s._take_batch(clock())[0])
   busy = s.inference_busy(clock())
   assert 0.005 / RATE_TAU_S * 0.9 < busy <= (clock() - t0) / RATE_TAU_S
   assert s.inference_busy(clock() + RATE_TAU_S) == pytest.approx(busy / np.e, rel=1e-3)
@@ -918,6 +983,19 @@ def test_decayed_fraction_weighs_events_by_their_age():
   assert d.fraction() == pytest.approx(w / (2 * w + 1)) and d.t == 1.0
   d.count(0.5, True)                          # out of order: never weighed up
   assert d.fraction() == pytest.approx((w + 1) / (2 * w + 2)) and d.t == 0.5
+
+
+def test_decayed_fraction_turns_counted_events_into_hits_without_new_events():
+  d = DecayedFraction(tau_s=1.0, t=0.0)
+  for hit in [True] + [False] * 7:
+    d.count(0.0, hit)
+  d.turned_hits(0.0, 1)                       # one of the seven misses was a hit
+  assert d.fraction() == 0.25 and d.t == 0.0
+  d.turned_hits(1.0, 1)                       # decays to t = 1 first
+  assert d.fraction() == pytest.approx((2 * np.exp(-1.0) + 1) / (8 * np.exp(-1.0)))
+  assert d.t == 1.0
+  d.turned_hits(0.5, 10)                      # never more hits than events, t stays
+  assert d.fraction() == 1.0 and d.t == 1.0
 
 
 def test_admission_keeps_in_reserve_how_late_responses_were_while_they_miss_the_slo():

@@ -263,7 +263,8 @@ def test_overload_is_shed_with_503_and_retry_after(server):
   assert {c for c, _, _ in results} <= {200, 503}
   m = parse_metrics(call(server, "GET", "/metrics")[1])
   assert m['coltrain_shed_total{reason="deadline"}'] + m.get(
-      'coltrain_shed_total{reason="frontend_backlog"}', 0) >= len(shed)
+      'coltrain_shed_total{reason="frontend_backlog"}', 0) + m.get(
+      'coltrain_shed_total{reason="late"}', 0) >= len(shed)
   assert call(server, "POST", "/v2/models/digits/infer", infer_body())[0] == 200
 
 

@@ -182,6 +182,7 @@ class FrontEndProcess:
     self._data_lock = threading.Lock()
     self._outbox: list[bytes] = []          # finished results not yet sent
     self._outbox_errors = 0                 # how many of them are errors (500)
+    self._outbox_sheds = 0                  # ... and dropped requests (503)
     self._outbox_lock = threading.Lock()
     self._ready = threading.Event()
     self._closing = False
@@ -423,25 +424,31 @@ class FrontEndProcess:
   def _finished(self, key: int, p: Pending) -> None:
     """A scheduler thread finished `p`: its result is buffered, and sent with the
     rest of its batch by `flush_results` (the scheduler's `results_done`)."""
+    shed = error = 0
     if p.error is None:
-      message, error = wire.result_ok(key, p.result, p.finished_at, p.predicted), 0
+      message = wire.result_ok(key, p.result, p.finished_at, p.predicted)
+    elif p.retry_after_s is not None:   # dropped at dispatch
+      message, shed = wire.result_shed(key, p.retry_after_s, p.error), 1
     else:
       message, error = wire.result_error(key, 500, p.error), 1
     with self._outbox_lock:
       self._outbox.append(message)
       self._outbox_errors += error
+      self._outbox_sheds += shed
 
   def flush_results(self) -> None:
     """Sends the buffered results to the front end in one write (and counts them)."""
     with self._outbox_lock:
       if not self._outbox:
         return
-      messages, errors = self._outbox, self._outbox_errors
-      self._outbox, self._outbox_errors = [], 0
+      messages, errors, sheds = self._outbox, self._outbox_errors, self._outbox_sheds
+      self._outbox, self._outbox_errors, self._outbox_sheds = [], 0, 0
     if errors:
       self.app.metrics.count_response(500, errors)
-    if len(messages) > errors:
-      self.app.metrics.count_response(200, len(messages) - errors)
+    if sheds:
+      self.app.metrics.count_response(503, sheds)
+    if len(messages) > errors + sheds:
+      self.app.metrics.count_response(200, len(messages) - errors - sheds)
     self._send_data(b"".join(messages))
 
   def _sent(self, payload: bytes) -> None:

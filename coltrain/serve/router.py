@@ -82,6 +82,8 @@ class Router:
     self._shed = DecayedFraction(SHED_TAU_S, clock())   # the recent requests shed
     for s in self.schedulers:
       s.incoming = self.incoming
+      s.response_delay = self.response_delay_s
+      s.on_drop = self.dropped
 
   def incoming(self) -> int:
     """Requests the front end is receiving; schedulers do not start a training chunk
@@ -191,6 +193,14 @@ class Router:
     with self._lock:
       now = clock()
       self._count(now, shed=True)
+      self._hold_training(now)
+
+  def dropped(self, count: int, now: float) -> None:
+    """A replica dropped `count` admitted requests at dispatch (`drop_late`): they
+    count as shed in the recent shed fraction (instead of admitted), and training
+    holds off as after any shed."""
+    with self._lock:
+      self._shed.turned_hits(now, count)
       self._hold_training(now)
 
   def _count(self, now: float, shed: bool) -> None:

@@ -14,7 +14,14 @@
    before the oldest request has waited the batching wait, ends at most
    `chunk_overrun` chunk times after that, and leaves room for the batch before the
    earliest deadline, else the batch runs at once (the device never idles for a batch
-   to fill).
+   to fill). With `drop_late` (`serve.drop_late`, on by default), a request whose
+   response would be sent after its deadline even if its batch ran now (the batch's
+   predicted time plus the router's measured response delay) is not computed: it is
+   answered 503 with Retry-After at once, like a request shed at admission, and its
+   place in the batch goes to the next one. Admission predicts when a request
+   completes; the prediction misses when a batch runs long or the host stalls, and
+   under overload, with the queue at its admission target, such a miss would make
+   the request late and delay the ones behind it.
 2. **Training in the slack.** With nothing queued, no request being received that
    would run at once (at a rate where its batch would form during chunks anyway,
    training goes on) and no request refused by admission control in the last
@@ -76,10 +83,13 @@ class Pending:
   the front end) is called from the scheduler thread. (`done`, a `threading.Event`, is
   made on first use: most requests are answered through `on_done` alone.) `predicted`
   is when admission expected its response to be sent (`clock()` seconds; nan if not
-  predicted): the front end reports how much later it was (`Router.completed`)."""
+  predicted): the front end reports how much later it was (`Router.completed`). A
+  request dropped at dispatch (`DeviceScheduler` with `drop_late`) has `error` (why)
+  and `retry_after_s` set: it is answered 503 with Retry-After, like a shed; any
+  other `error` is a failure (500)."""
 
   __slots__ = ("images", "n", "arrival", "deadline", "predicted", "on_done",
-               "finished_at", "result", "error", "_event")
+               "finished_at", "result", "error", "retry_after_s", "_event")
 
   def __init__(self, images: np.ndarray, arrival: float, deadline: float,
                on_done: Optional[Callable[["Pending"], None]] = None,
@@ -93,6 +103,7 @@ class Pending:
     self.finished_at: Optional[float] = None   # clock() when `finish()` ran
     self.result: Optional[dict] = None
     self.error: Optional[str] = None
+    self.retry_after_s: Optional[float] = None   # set with `error`: dropped (503)
     self._event: Optional[threading.Event] = None
 
   @property
@@ -127,7 +138,7 @@ class DeviceScheduler:
                max_queue_delay_s: float, margin_s: float, max_queue: int,
                metrics: ServeMetrics, trainer: Optional[ChunkTrainer] = None,
                max_chunk_s: float = 0.0, chunk_overrun: float = 1.0,
-               train_queue_delay_cap: float = 0.0):
+               train_queue_delay_cap: float = 0.0, drop_late: bool = False):
     self.index = index
     self.predictor = predictor
     self.max_batch = predictor.max_batch
@@ -141,6 +152,7 @@ class DeviceScheduler:
     self.max_chunk_s = max_chunk_s
     self.chunk_overrun = chunk_overrun
     self.train_queue_delay_cap = train_queue_delay_cap
+    self.drop_late = drop_late
     self.timer = OnlineTimer()
     self._bucket_cache: Optional[tuple[int, dict[int, float]]] = None
     self._bucket_of = (0,) + tuple(predictor.bucket_for(n)     # n images -> bucket
@@ -163,6 +175,11 @@ class DeviceScheduler:
     self.train_skips = 0     # idle moments when the chunk did not fit the slack
     self._hold_training_until = 0.0
     self.incoming = lambda: 0  # requests being received/parsed (set by the server)
+    # How long a finished request's response takes to be sent (seconds; set by the
+    # router: its measured response delay), and who hears of requests dropped at
+    # dispatch (`on_drop(count, now)`, called without this scheduler's lock held).
+    self.response_delay: Callable[[], float] = lambda: 0.0
+    self.on_drop: Callable[[int, float], None] = lambda count, now: None
     # Set when this thread receives its own requests (one replica: the front end's
     # data link): `poll(timeout)` waits up to `timeout` s for requests and admits them
     # from this thread; `wake_poll()` ends such a wait from another thread.
@@ -445,14 +462,44 @@ class DeviceScheduler:
     is due at `by`: it starts before `by` and ends at most `chunk_overrun` x c after."""
     return t < by and t + c <= by + self.chunk_overrun * c
 
-  def _take_batch(self) -> list[Pending]:
-    batch, n = [], 0
-    while self._queue and n + self._queue[0].n <= self.max_batch:
-      p = self._queue.popleft()
-      batch.append(p)
-      n += p.n
-    self._queued_images -= n
-    return batch
+  def _take_batch(self, now: float) -> tuple[list[Pending], list[Pending], float]:
+    """(batch, late, end): the next batch (FIFO, whole requests, at most `max_batch`
+    images) and, with `drop_late`, the requests taken off the queue because they are
+    predicted to miss their deadline: their response would be sent after it even if
+    the batch ran now (now + the batch's predicted time, for the images queued up to
+    `max_batch`, + the measured response delay: `end`; -inf without `drop_late`).
+    Dropping them makes room in the batch for the requests behind them. Called with
+    the lock held."""
+    batch, late, n = [], [], 0
+    end = -math.inf   # without drop_late: no deadline is before it
+    if self.drop_late:
+      end = now + self.batch_time(min(self._queued_images, self.max_batch)) + (
+          self.response_delay())
+    queue = self._queue
+    while queue and n + queue[0].n <= self.max_batch:
+      p = queue.popleft()
+      self._queued_images -= p.n
+      if p.deadline < end:
+        late.append(p)
+      else:
+        batch.append(p)
+        n += p.n
+    return batch, late, end
+
+  def _drop(self, late: list[Pending], end: float, now: float) -> None:
+    """Answers the requests `_take_batch` found late (`end`: when their response was
+    predicted to be sent) with 503 + Retry-After (a shed, reason "late") and tells
+    `on_drop`. Called without the lock."""
+    retry_after_s = max(end - now, 0.0)
+    for p in late:
+      p.error = (f"overloaded: the response would be sent "
+                 f"{1e3 * (end - p.arrival):.1f} ms after arrival, past the "
+                 f"{1e3 * (p.deadline - p.arrival):.1f} ms deadline; retry later")
+      p.retry_after_s = retry_after_s
+      p.finish()
+    self.metrics.shed.labels(reason="late").inc(len(late))
+    self.results_done()
+    self.on_drop(len(late), now)
 
   # -- the loop --------------------------------------------------------------------------
   def _spend(self, activity: int, until: Optional[float] = None) -> None:
@@ -488,7 +535,7 @@ class DeviceScheduler:
       self._on_thread_start()
     self._mark = clock()
     while True:
-      batch = None
+      batch = late = None
       train = False
       poll = self.poll
       if poll is not None:   # admit what arrived during the last device call
@@ -508,8 +555,9 @@ class DeviceScheduler:
               break
             wait = self._batch_wait(now)
             if wait <= 0:
-              batch = self._take_batch()
-              self._busy_until = now + self.batch_time(sum(p.n for p in batch))
+              batch, late, late_end = self._take_batch(now)
+              if batch:
+                self._busy_until = now + self.batch_time(sum(p.n for p in batch))
               break
             self._wait(wait, _WAIT_BATCH)
             continue
@@ -539,6 +587,8 @@ class DeviceScheduler:
           self._wait(0.1, _WAIT_IDLE)
       self._spend(_DECIDE)
       try:
+        if late:
+          self._drop(late, late_end, now)
         if batch:
           self._run_inference(batch)
           self._spend(_INFERENCE_RESULTS)
@@ -546,11 +596,11 @@ class DeviceScheduler:
           self._run_chunk()
           self._spend(_TRAINING_OTHER)
       except Exception as e:  # never let one bad batch kill the device loop
-        for p in batch or ():
+        for p in [*(late or ()), *(batch or ())]:
           if p.finished_at is None:
             p.error = f"inference failed: {type(e).__name__}: {e}"
             p.finish()
-        if batch:
+        if batch or late:
           self.results_done()
         if train and self.trainer is not None and self.trainer.failure is None:
           self.trainer.failure = f"training chunk raised {type(e).__name__}: {e}"

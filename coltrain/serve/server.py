@@ -107,7 +107,7 @@ class Server:
           max_queue=s.max_queue, metrics=self.metrics,
           trainer=self.trainer if r == s.train_replica else None,
           max_chunk_s=s.max_chunk_ms / 1e3, chunk_overrun=s.chunk_overrun,
-          train_queue_delay_cap=s.train_queue_delay_cap))
+          train_queue_delay_cap=s.train_queue_delay_cap, drop_late=s.drop_late))
     for sch in self.schedulers:
       self.metrics.track_thread_seconds(sch.index, sch.thread_seconds, THREAD_ACTIVITIES)
       self.metrics.track_batching(sch.index, lambda s=sch: s.batching_wait(clock()),

@@ -150,6 +150,14 @@ class DecayedFraction:
     self._hits = self._hits * f + hit
     self.t = now
 
+  def turned_hits(self, now: float, n: int) -> None:
+    """`n` events already counted as misses turned out to be hits (e.g. requests
+    admitted, then dropped): adds n hits but no events (hits stay <= events)."""
+    f = math.exp(-max(now - self.t, 0.0) / self.tau_s)
+    self._events *= f
+    self._hits = min(self._hits * f + n, self._events)
+    self.t = max(self.t, now)
+
   def fraction(self) -> float:
     """Hits / events as of the last event (0 before any)."""
     return self._hits / self._events if self._events else 0.0

@@ -257,19 +257,25 @@ def main(argv) -> Optional[int]:
   except ConfigError as e:
     print(f"bench_interference: {e}", file=sys.stderr)
     return 2
-  scheduler = server.schedulers[0]
-  trainer = scheduler.trainer
-  trainer.enabled = True
-  partition = CpuPartition(frozenset({cpu}), frozenset(allowed) - {cpu} or frozenset({cpu}))
-  partition.pin_threads()
-  partition.pin_device_thread()
-  kinds = make_kinds(scheduler.predictor, scheduler.weights)
-  measure(trainer.run_chunk, trainer.input_ready, kinds, min(200, _CHUNKS.value),
-          _SEED.value + 1)   # warm-up (not kept)
-  t0 = time.time()
-  raw = measure(trainer.run_chunk, trainer.input_ready, kinds, _CHUNKS.value, _SEED.value,
-                nth=_NTH.value)
-  seconds = time.time() - t0
+  # The server is stopped before the process exits: its training-input thread must not
+  # be running while the interpreter shuts down (CI saw one such run abort at exit:
+  # "terminate called without an active exception").
+  try:
+    scheduler = server.schedulers[0]
+    trainer = scheduler.trainer
+    trainer.enabled = True
+    partition = CpuPartition(frozenset({cpu}), frozenset(allowed) - {cpu} or frozenset({cpu}))
+    partition.pin_threads()
+    partition.pin_device_thread()
+    kinds = make_kinds(scheduler.predictor, scheduler.weights)
+    measure(trainer.run_chunk, trainer.input_ready, kinds, min(200, _CHUNKS.value),
+            _SEED.value + 1)   # warm-up (not kept)
+    t0 = time.time()
+    raw = measure(trainer.run_chunk, trainer.input_ready, kinds, _CHUNKS.value, _SEED.value,
+                  nth=_NTH.value)
+    seconds = time.time() - t0
+  finally:
+    server.stop()
   summary = summarize(raw, _BOOTSTRAP.value, _SEED.value)
   if latency_fd is not None:
     os.close(latency_fd)

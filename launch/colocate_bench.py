@@ -236,12 +236,15 @@ THREAD_KEYS = {a: f'coltrain_device_thread_seconds_total{{activity="{a}",replica
                for a in THREAD_ACTIVITIES}
 
 
+LATE_DROPS_KEY = 'coltrain_shed_total{reason="late"}'   # dropped at dispatch (drop_late)
+
+
 class Poller:
   """Samples counters of several servers 5 times a second: (unix time, {key: value})."""
   KEYS = ("coltrain_train_samples_total", 'coltrain_inference_busy_seconds_total{replica="0"}',
           "coltrain_train_busy_seconds_total", "coltrain_train_steps_total",
           "coltrain_train_chunks_total", "coltrain_device_cpu_seconds_total",
-          "coltrain_device_cpus") + tuple(THREAD_KEYS.values())
+          "coltrain_device_cpus", LATE_DROPS_KEY) + tuple(THREAD_KEYS.values())
 
   def __init__(self, servers: dict[str, ServeProcess], period: float = 0.2,
                cpus: Optional[frozenset] = None):
@@ -692,7 +695,8 @@ def window_metrics(poll: Poller, cfg: str, t0: float, t1: float, server: str = "
   """The server counters' rates over one load window [t0, t1] (unix s) of `cfg`:
   inference_busy_fraction and device_busy_fraction of `server` (the server under
   test), train_samples_per_s of the training process (`trainer`, by default T for C,
-  `server` for D; 0 for A)."""
+  `server` for D; 0 for A), late_drops_per_s (requests `server` admitted, then dropped
+  at dispatch because they would have been late: `serve.drop_late`)."""
   who = trainer or {"C": "T", "D": server}.get(cfg)
   return {"inference_busy_fraction": poll.rate(
               f'{server}:coltrain_inference_busy_seconds_total{{replica="0"}}', t0, t1),
@@ -700,11 +704,12 @@ def window_metrics(poll: Poller, cfg: str, t0: float, t1: float, server: str = "
           "train_samples_per_s": (poll.rate(f"{who}:coltrain_train_samples_total", t0, t1)
                                   if who else 0.0),
           "chunk_ms": chunk_ms(poll, server, t0, t1) if cfg == "D" else None,
-          "device_thread": device_thread(poll, server, t0, t1)}
+          "device_thread": device_thread(poll, server, t0, t1),
+          "late_drops_per_s": poll.rate(f"{server}:{LATE_DROPS_KEY}", t0, t1)}
 
 
 MERGED_RATES = ("inference_busy_fraction", "device_busy_fraction", "train_samples_per_s",
-                "chunk_ms")
+                "chunk_ms", "late_drops_per_s")
 
 
 def device_thread(poll: Poller, server: str, t0: float, t1: float) -> Optional[dict]:
@@ -940,17 +945,20 @@ def write_table(results: dict, path: str) -> None:
   lines += ["", "Overload (rho = 1.5, Poisson):", "",
             "| config | offered req/s | served req/s | shed fraction | SLO attainment (all) |"
             " SLO attainment (admitted) | p99 admitted (ms) | generator late p99 (ms) |"
-            " SLO attainment (admitted, from the send) |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+            " SLO attainment (admitted, from the send) | dropped at dispatch (of offered) |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
   for o in results.get("overload", []):
     late = generator_late_p99(o)
     sent = o.get("slo_attainment_admitted_from_send")
+    drops = o.get("late_drops_per_s")
+    dropped = "n/a" if drops is None else f"{drops / o['rate_rps']:.4f}"
     lines.append(f"| {o['config']} | {o['rate_rps']:.0f} | {o['throughput_rps']:.0f} | "
                  f"{o['shed_fraction']:.3f} | {o.get('slo_attainment', 0):.4f} | "
                  f"{o.get('slo_attainment_admitted', 0):.4f} | "
                  f"{o.get('latency_ms', {}).get('p99', float('nan')):.2f} | "
                  f"{'n/a' if late is None else f'{late:.2f}'} | "
-                 f"{'n/a' if sent is None else f'{sent:.4f}'} |")
+                 f"{'n/a' if sent is None else f'{sent:.4f}'} | "
+                 f"{dropped} |")
   m = results.get("malformed")
   if m:
     lines += ["", f"Malformed requests: {m['requests']} -> codes {m['codes']}; ready after: "

@@ -579,6 +579,16 @@ def test_device_busy_fraction_is_device_cpu_time_per_second_and_core():
   assert colocate_bench.device_busy(poll, "T", 10.0, 11.0) is None   # no split / no data
 
 
+def test_window_metrics_count_the_requests_dropped_at_dispatch():
+  poll = colocate_bench.Poller({})
+  key = f"S:{colocate_bench.LATE_DROPS_KEY}"
+  poll.samples = [(t, {key: 30.0 * t}) for t in (1.0, 2.0, 4.0)]
+  m = colocate_bench.window_metrics(poll, "A", 1.0, 4.0)
+  assert m["late_drops_per_s"] == pytest.approx(30.0)
+  assert colocate_bench.window_metrics(poll, "A", 1.0, 4.0, server="T")[
+      "late_drops_per_s"] is None                               # no samples
+
+
 def test_binary_requests_carry_the_same_images_as_json_requests():
   from coltrain.serve.protocol import parse_infer_request
   from launch.loadgen import encode_requests, request_bodies

@@ -411,6 +411,21 @@ def test_with_drop_late_a_request_that_would_miss_its_deadline_is_dropped_not_co
   assert m['coltrain_shed_total{reason="late"}'] == 1
 
 
+def test_drop_late_always_computes_one_request_of_a_batch():
+  # every request would be late: the one due last runs (the timings stay measured)
+  s, pred = make_sched(infer_s=lambda b: 0.05, drop_late=True)
+  first, last = pending(1, 2.0, deadline=0.010), pending(2, 3.0, deadline=0.020)
+  s.submit(first)
+  s.submit(last)
+  s.start()
+  try:
+    assert first.done.wait(30) and last.done.wait(30)
+  finally:
+    s.stop()
+  assert first.retry_after_s is not None and first.result is None
+  assert last.error is None and pred.sizes == [2]
+
+
 def test_without_drop_late_a_request_predicted_late_is_still_computed():
   metrics = ServeMetrics()
   s, pred = make_sched(metrics=metrics, infer_s=lambda b: 0.05)

@@ -42,9 +42,10 @@ SERVE_DEFAULTS: dict[str, Any] = {
                                 #   slack for what predictions cannot see (0 = off)
     "overload_headroom": 0.3,   # and this fraction of the deadline budget, none under
                                 #   5% recent sheds, all of it from 25%
-    "drop_late": True,          # a queued request whose response would be sent after
-                                #   its deadline even if its batch ran now is answered
+    "drop_late": True,          # a request whose response would be sent after its
+                                #   deadline even though its batch runs now is answered
                                 #   503 + Retry-After at dispatch, not computed late
+                                #   (at least one request of each batch runs)
     "replicas": 1,              # scheduler threads, one per (simulated) device
     "init_from": "",            # a launch.train workdir (or its checkpoints/): serve and
                                 #   keep training its latest checkpoint (weights,

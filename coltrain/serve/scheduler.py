@@ -14,14 +14,14 @@
    before the oldest request has waited the batching wait, ends at most
    `chunk_overrun` chunk times after that, and leaves room for the batch before the
    earliest deadline, else the batch runs at once (the device never idles for a batch
-   to fill). With `drop_late` (`serve.drop_late`, on by default), a request whose
-   response would be sent after its deadline even if its batch ran now (the batch's
-   predicted time plus the router's measured response delay) is not computed: it is
-   answered 503 with Retry-After at once, like a request shed at admission, and its
-   place in the batch goes to the next one. Admission predicts when a request
-   completes; the prediction misses when a batch runs long or the host stalls, and
-   under overload, with the queue at its admission target, such a miss would make
-   the request late and delay the ones behind it.
+   to fill). With `drop_late` (`serve.drop_late`, on by default), a request of the
+   batch whose response would be sent after its deadline even though the batch runs
+   now (the batch's predicted time plus the router's measured response delay) is not
+   computed: it is answered 503 with Retry-After at once, like a request shed at
+   admission (at least one request of each batch always runs: `_take_batch`).
+   Admission predicts when a request completes; the prediction misses when a batch
+   runs long or the host stalls, and under overload, with the queue at its admission
+   target, such a miss would make the request late and delay the ones behind it.
 2. **Training in the slack.** With nothing queued, no request being received that
    would run at once (at a rate where its batch would form during chunks anyway,
    training goes on) and no request refused by admission control in the last
@@ -464,27 +464,31 @@ class DeviceScheduler:
 
   def _take_batch(self, now: float) -> tuple[list[Pending], list[Pending], float]:
     """(batch, late, end): the next batch (FIFO, whole requests, at most `max_batch`
-    images) and, with `drop_late`, the requests taken off the queue because they are
-    predicted to miss their deadline: their response would be sent after it even if
-    the batch ran now (now + the batch's predicted time, for the images queued up to
-    `max_batch`, + the measured response delay: `end`; -inf without `drop_late`).
-    Dropping them makes room in the batch for the requests behind them. Called with
-    the lock held."""
-    batch, late, n = [], [], 0
-    end = -math.inf   # without drop_late: no deadline is before it
-    if self.drop_late:
-      end = now + self.batch_time(min(self._queued_images, self.max_batch)) + (
-          self.response_delay())
+    images) and, with `drop_late`, the requests taken out of it because their
+    response would be sent after their deadline even though the batch runs now:
+    `end` = now + the batch's predicted time + the measured response delay (-inf
+    without `drop_late`). The device always runs at least one request: if every
+    request of the batch would be late, the one due last is kept, so the timings go
+    on being measured (a pessimistic estimate cannot make the device drop everything
+    it is given). Called with the lock held."""
+    batch, n = [], 0
     queue = self._queue
     while queue and n + queue[0].n <= self.max_batch:
       p = queue.popleft()
-      self._queued_images -= p.n
-      if p.deadline < end:
-        late.append(p)
-      else:
-        batch.append(p)
-        n += p.n
-    return batch, late, end
+      batch.append(p)
+      n += p.n
+    self._queued_images -= n
+    if not self.drop_late:
+      return batch, [], -math.inf
+    end = now + self.batch_time(n) + self.response_delay()
+    late = [p for p in batch if p.deadline < end]
+    if not late:
+      return batch, late, end
+    if len(late) == len(batch):
+      last = max(batch, key=lambda p: p.deadline)
+      late.remove(last)
+      return [last], late, end
+    return [p for p in batch if p.deadline >= end], late, end
 
   def _drop(self, late: list[Pending], end: float, now: float) -> None:
     """Answers the requests `_take_batch` found late (`end`: when their response was
@@ -556,8 +560,7 @@ class DeviceScheduler:
             wait = self._batch_wait(now)
             if wait <= 0:
               batch, late, late_end = self._take_batch(now)
-              if batch:
-                self._busy_until = now + self.batch_time(sum(p.n for p in batch))
+              self._busy_until = now + self.batch_time(sum(p.n for p in batch))
               break
             self._wait(wait, _WAIT_BATCH)
             continue

@@ -456,7 +456,8 @@ def test_a_drop_at_dispatch_turns_an_admitted_request_into_a_shed_one():
   assert router.recent_shed_fraction() == 0.0
   now = clock()
   router.dropped(1, now)
-  assert router.recent_shed_fraction() == pytest.approx(1 / 3, rel=1e-3)
+  # one of the three is shed now (the three decay a little while they are submitted)
+  assert 1 / 3 <= router.recent_shed_fraction() <= 1 / 3 * 1.05
   assert s._hold_training_until > now        # training holds off as after a shed
 
 

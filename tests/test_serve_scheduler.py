@@ -380,20 +380,26 @@ def test_a_failing_batch_reports_an_error_and_the_loop_survives():
     s.stop()
 
 
-def _late_and_on_time(s, late_deadline_s):
-  """Queues a request due in `late_deadline_s` and one due in 60 s, runs `s` until
-  both are finished; -> (late, on_time, on_drop calls)."""
+def _run_until_done(s, *requests):
+  """Queues `requests` on `s` and runs it until all are finished; -> the on_drop
+  calls [(count, now)]."""
   drops = []
   s.on_drop = lambda count, now: drops.append((count, now))
-  late, on_time = pending(1, 2.0, deadline=late_deadline_s), pending(2, 3.0)
-  s.submit(late)
-  s.submit(on_time)
+  for p in requests:
+    s.submit(p)
   s.start()
   try:
-    assert late.done.wait(30) and on_time.done.wait(30)
+    assert all(p.done.wait(30) for p in requests)
   finally:
     s.stop()
-  return late, on_time, drops
+  return drops
+
+
+def _late_and_on_time(s, late_deadline_s):
+  """Runs `s` on a request due in `late_deadline_s` and one due in 60 s; -> (late,
+  on_time, on_drop calls)."""
+  late, on_time = pending(1, 2.0, deadline=late_deadline_s), pending(2, 3.0)
+  return late, on_time, _run_until_done(s, late, on_time)
 
 
 def test_with_drop_late_a_request_that_would_miss_its_deadline_is_dropped_not_computed():
@@ -415,13 +421,7 @@ def test_drop_late_always_computes_one_request_of_a_batch():
   # every request would be late: the one due last runs (the timings stay measured)
   s, pred = make_sched(infer_s=lambda b: 0.05, drop_late=True)
   first, last = pending(1, 2.0, deadline=0.010), pending(2, 3.0, deadline=0.020)
-  s.submit(first)
-  s.submit(last)
-  s.start()
-  try:
-    assert first.done.wait(30) and last.done.wait(30)
-  finally:
-    s.stop()
+  assert [count for count, _ in _run_until_done(s, first, last)] == [1]
   assert first.retry_after_s is not None and first.result is None
   assert last.error is None and pred.sizes == [2]
 

@@ -200,14 +200,21 @@ def test_admission_learns_how_late_responses_were_against_its_predictions(server
   late = server._router._late          # on in this fixture (serve.late_quantile 0.99)
   before = late.count
   conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+  served = 0
   try:
-    for i in range(70):                # the front end reports each one (SENT)
+    for _ in range(300):               # the front end reports each served one (SENT)
       conn.request("POST", "/v2/models/digits/infer", infer_body(1))
       r = conn.getresponse()
-      assert r.status == 200, r.read()
-      r.read()
+      body = r.read()
+      # with the auto SLO of a fast machine (4.5 ms seen) a request arriving during a
+      # training chunk may be predicted past its admission target and shed
+      assert r.status in (200, 503), body
+      served += r.status == 200
+      if served == 70:
+        break
   finally:
     conn.close()
+  assert served == 70
   deadline = time.time() + 10
   while late.count < before + 70 and time.time() < deadline:
     time.sleep(0.01)                   # accounting goes out within a few ms

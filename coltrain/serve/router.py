@@ -108,7 +108,7 @@ class Router:
     predicted to be sent (the replica's completion + the response delay)."""
     if best is None:
       self.metrics.shed.labels(reason="queue_full").inc()
-      self._count(now, shed=True)
+      self._shed.count(now, True)
       self._hold_training(now)
       raise Shed("queue_full", 1.0, "every replica's queue is full; retry later")
     # An idle replica starts the request at once: never shed it (its timing estimate
@@ -119,7 +119,7 @@ class Router:
     target = self.admission_target(deadline, budget, now)
     if best_t > target and not (fresh and best.idle(now)):
       self.metrics.shed.labels(reason="deadline").inc()
-      self._count(now, shed=True)
+      self._shed.count(now, True)
       self._hold_training(now)    # inference is being refused: no training for a while
       late = best_t - target
       raise Shed("deadline", max(late, best_t - now),
@@ -192,7 +192,7 @@ class Router:
     self.metrics.shed.labels(reason="frontend_backlog").inc()
     with self._lock:
       now = clock()
-      self._count(now, shed=True)
+      self._shed.count(now, True)
       self._hold_training(now)
 
   def dropped(self, count: int, now: float) -> None:
@@ -203,10 +203,6 @@ class Router:
       self._shed.turned_hits(now, count)
       self._hold_training(now)
 
-  def _count(self, now: float, shed: bool) -> None:
-    """Counts a request (and whether it was shed) in the decayed recent counts."""
-    self._shed.count(now, shed)
-
   def recent_shed_fraction(self) -> float:
     """The fraction of recent requests that were shed (time constant SHED_TAU_S)."""
     return self._shed.fraction()
@@ -216,7 +212,7 @@ class Router:
     min(1, recent shed fraction / HOLDOFF_FULL_FRACTION). A stray shed (a stall, a
     burst) among many served requests pauses training only briefly; sustained
     shedding (overload: 5 % or more refused) pauses it for the whole hold-off.
-    Called with the lock held, after `_count`."""
+    Called with the lock held, after the shed is counted (`_shed`)."""
     frac = self.recent_shed_fraction()
     until = now + self.shed_holdoff_s * min(1.0, frac / HOLDOFF_FULL_FRACTION)
     for s in self.schedulers:
@@ -254,7 +250,7 @@ class Router:
     with self._lock:
       best, best_t = self._best(n, now)
       predicted = self._check(best, best_t, now, arrival, deadline, budget)
-      self._count(now, shed=False)
+      self._shed.count(now, False)
       p = Pending(images=images, arrival=arrival, deadline=deadline, on_done=on_done,
                   predicted=predicted)
       best.submit(p)

@@ -144,18 +144,23 @@ class DecayedFraction:
     self._events = 0.0
     self._hits = 0.0
 
-  def count(self, now: float, hit: bool) -> None:
+  def _decay(self, now: float) -> None:
+    """Weighs both counts down to `now` (never up: an earlier `now` leaves them)."""
     f = math.exp(-max(now - self.t, 0.0) / self.tau_s)
-    self._events = self._events * f + 1.0
-    self._hits = self._hits * f + hit
+    self._events *= f
+    self._hits *= f
+
+  def count(self, now: float, hit: bool) -> None:
+    self._decay(now)
+    self._events += 1.0
+    self._hits += hit
     self.t = now
 
   def turned_hits(self, now: float, n: int) -> None:
     """`n` events already counted as misses turned out to be hits (e.g. requests
     admitted, then dropped): adds n hits but no events (hits stay <= events)."""
-    f = math.exp(-max(now - self.t, 0.0) / self.tau_s)
-    self._events *= f
-    self._hits = min(self._hits * f + n, self._events)
+    self._decay(now)
+    self._hits = min(self._hits + n, self._events)
     self.t = max(self.t, now)
 
   def fraction(self) -> float:
